@@ -1,0 +1,167 @@
+"""The job spec: YAML in, validated pydantic models out, before any cluster work starts.
+
+Every field has a default that works on a laptop; unknown keys are errors (a typo
+must not silently fall back to a default), and each error names the dotted key,
+what was given, and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSpec(Spec):
+    uri: str = Field(description="Where the shards are: any fsspec URI, directory or glob (s3://b/p/*.tar, file://..., memory://...).")
+    format: Literal["webdataset", "images", "parquet"] = Field(
+        "webdataset", description="webdataset: .tar shards; images: a folder of image files; parquet: a column of image bytes.")
+    image_column: str = Field("image", description="parquet: the column holding encoded image bytes.")
+    label_column: str | None = Field(None, description="parquet: an optional integer ground-truth label column.")
+    key_column: str | None = Field(None, description="parquet: the column with record keys (else file name + row number).")
+    images_per_shard: int = Field(256, ge=1, description="images: how many files one read task takes.")
+
+
+class ModelSpec(Spec):
+    checkpoint: str | None = Field(
+        "builtin:digits",
+        description="A vitpipe .safetensors file, a Hugging Face ViT directory, or builtin:digits; null for random weights of `arch`.")
+    arch: str | None = Field(None, description="vit_{ti,s,b,l,h}_{8,14,16,32}; needed only when checkpoint is null.")
+    pooling: Literal["cls", "gap"] | None = Field(None, description="Embedding pooling; default: the checkpoint's.")
+    image_size: int | None = Field(None, ge=16, description="Input size; position embeddings are interpolated if it differs.")
+    num_classes: int | None = Field(None, ge=0, description="Random weights only: head size.")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str | None) -> str | None:
+        from pipeline.model.vit import ARCH_NAMES
+
+        if v is not None and v not in ARCH_NAMES:
+            raise ValueError(f"unknown arch {v!r}; allowed: {', '.join(ARCH_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _arch_or_checkpoint(self) -> ModelSpec:
+        if self.checkpoint is None and self.arch is None:
+            raise ValueError("set model.checkpoint, or model.arch for random weights")
+        return self
+
+
+class EngineSpec(Spec):
+    backend: Literal["torch"] = Field("torch", description="Inference backend.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Compute precision (fp16 needs a GPU).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor has a GPU, else cpu.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per model call.")
+
+
+class OutputsSpec(Spec):
+    top_k: int = Field(5, ge=0, description="How many classes to keep per image (0: none).")
+    embeddings: bool = Field(True, description="Write the pooled embedding per image.")
+    embedding_dtype: Literal["float32", "float16"] = Field("float32", description="Storage type of `embedding`.")
+
+
+class OutputSpec(Spec):
+    uri: str = Field(description="The output dataset directory (any fsspec URI).")
+    mode: Literal["error", "overwrite"] = Field(
+        "error", description="If the output already holds a finished run: error (refuse) or overwrite (replace it).")
+    rows_per_file: int = Field(250_000, ge=1, description="Roll to a new part file after this many rows.")
+    row_group_rows: int = Field(16_384, ge=1, description="Rows per Parquet row group.")
+
+
+class ResourcesSpec(Spec):
+    actors: int | None = Field(None, ge=1, description="Model actors; default: as many as the cluster's CPUs/GPUs allow.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each model actor reserves (and torch threads it uses).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each model actor reserves.")
+    read_cpus: float = Field(0.25, gt=0, description="CPUs each shard-read task reserves (reads are I/O-bound).")
+    max_shards_in_flight: int | None = Field(None, ge=1, description="Cap on concurrent read tasks (memory bound).")
+
+
+class RayOptions(Spec):
+    address: str | None = Field(None, description="An existing cluster (ray://... or auto); default: a local Ray.")
+    progress: bool = Field(True, description="Show progress while running.")
+
+
+class JobSpec(Spec):
+    name: str = Field("vitpipe-job", description="A name for reports and logs.")
+    source: SourceSpec
+    model: ModelSpec = ModelSpec()
+    engine: EngineSpec = EngineSpec()
+    outputs: OutputsSpec = OutputsSpec()
+    output: OutputSpec
+    resources: ResourcesSpec = ResourcesSpec()
+    ray: RayOptions = RayOptions()
+
+
+class JobSpecError(ValueError):
+    """A job spec that would fail: raised before any Ray work, with every problem named."""
+
+
+def load_job_spec(path: str | Path | None = None, overrides: list[str] | None = None,
+                  data: dict[str, Any] | None = None) -> JobSpec:
+    """YAML file (or a dict) + `key.path=value` overrides -> a validated JobSpec."""
+    where = str(path) if path else "job spec"
+    if data is None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise JobSpecError(f"{where}: no such file") from None
+        except yaml.YAMLError as e:
+            raise JobSpecError(f"{where}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise JobSpecError(f"{where}: the top level must be a mapping of sections (source, model, ...)")
+    for item in overrides or []:
+        apply_override(data, item)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise JobSpecError(format_errors(where, e)) from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """`engine.batch_size=64` -> data["engine"]["batch_size"] = 64 (value parsed as YAML)."""
+    if "=" not in item:
+        raise JobSpecError(f"--set {item!r}: expected key.path=value, e.g. engine.batch_size=64")
+    key, raw = item.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise JobSpecError(f"--set {item!r}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def format_errors(where: str, e: ValidationError) -> str:
+    lines = [f"{where}: {e.error_count()} problem(s) in the job spec:"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key (check the spelling; see `vitpipe run --help` for the spec reference)")
+            continue
+        got = f" (got {err['input']!r})" if err["type"] not in ("missing",) and not isinstance(err["input"], dict) else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def describe_spec() -> str:
+    """A plain-text reference of every field, for --help and the README."""
+    out = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = "required" if f.is_required() else f"default {f.default!r}"
+            out.append(f"  {prefix}{name}: {f.description or ''} [{default}]")
+
+    walk(JobSpec, "")
+    return "\n".join(out)

@@ -1,0 +1,261 @@
+"""Checkpoints from the formats users have -> our ViT state dict, config, preprocessing, labels.
+
+Formats read here (from a local path or any fsspec URI):
+
+- ours: one `.safetensors` file whose header metadata holds `vitpipe.config`,
+  `vitpipe.preprocess` and `vitpipe.labels` (JSON strings). `builtin:digits` names
+  the small demo model shipped in `pipeline/assets/`.
+- Hugging Face `transformers` ViT: a directory with config.json, model.safetensors
+  (or pytorch_model.bin) and optionally preprocessor_config.json.
+- none: `checkpoint: null` with an `arch` builds seeded random weights (benchmarks).
+
+Weights are read with safetensors, or `torch.load(weights_only=True)`; never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from pipeline.model.vit import ViT, ViTConfig, config_for_arch, resize_pos_embed
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BUILTIN = {"builtin:digits": "digits_vit.safetensors"}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How bytes become the model's input; travels with the checkpoint, not the job."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # "crop": resize the shorter side to image_size / crop_pct, then center-crop (timm).
+    # "squash": resize straight to image_size x image_size (Hugging Face ViT).
+    resize: str = "crop"
+    crop_pct: float = 0.875
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize, "crop_pct": self.crop_pct}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   resize=d.get("resize", "crop"), crop_pct=float(d.get("crop_pct", 0.875)))
+
+
+@dataclass
+class Checkpoint:
+    config: ViTConfig
+    state_dict: dict[str, torch.Tensor]
+    preprocess: Preprocess
+    labels: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def model_id(self) -> str:
+        """sha256 over weights + arch + preprocessing: what caches and provenance key on."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        h.update(json.dumps(self.preprocess.to_dict(), sort_keys=True).encode())
+        for name in sorted(self.state_dict):
+            t = self.state_dict[name].detach().contiguous().cpu()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def build(self) -> ViT:
+        model = ViT(self.config)
+        load_into(model, self.state_dict, self.source)
+        return model.eval()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot become our ViT: the message names the file and the key."""
+
+
+def load_checkpoint(uri: str | None, arch: str | None = None, pooling: str | None = None,
+                    image_size: int | None = None, num_classes: int | None = None) -> Checkpoint:
+    """Read any supported checkpoint; job-spec fields override what the checkpoint says."""
+    if uri is None:
+        if arch is None:
+            raise CheckpointError("model.checkpoint is empty: give a checkpoint URI, or model.arch for random weights")
+        ckpt = random_checkpoint(arch, image_size=image_size, num_classes=num_classes)
+    elif uri in BUILTIN:
+        data = resources.files("pipeline.assets").joinpath(BUILTIN[uri]).read_bytes()
+        ckpt = _from_ours(data, uri)
+    else:
+        fs, path = fsspec.core.url_to_fs(uri)
+        if fs.isdir(path):
+            ckpt = _from_hf_dir(fs, path, uri)
+        elif path.endswith(".safetensors"):
+            ckpt = _from_ours(fs.cat_file(path), uri)
+        else:
+            raise CheckpointError(f"{uri}: unknown checkpoint format; expected a vitpipe .safetensors file "
+                                  "or a Hugging Face ViT directory (config.json + weights)")
+    if pooling and pooling != ckpt.config.pooling:
+        ckpt.config = replace(ckpt.config, pooling=pooling)
+    if image_size and image_size != ckpt.preprocess.image_size:
+        # Position embeddings are interpolated at run time (ViT._pos_embed_for).
+        ckpt.preprocess = replace(ckpt.preprocess, image_size=image_size)
+    return ckpt
+
+
+def random_checkpoint(arch: str, image_size: int | None = None, num_classes: int | None = None,
+                      seed: int = 0) -> Checkpoint:
+    """Seeded random weights of a named arch: for benchmarks, where only speed matters."""
+    cfg = config_for_arch(arch, image_size=image_size, num_classes=num_classes)
+    torch.manual_seed(seed)
+    model = ViT(cfg)
+    labels = [f"class_{i}" for i in range(cfg.num_classes)]
+    return Checkpoint(cfg, model.state_dict(), Preprocess(image_size=cfg.image_size), labels, f"random:{arch}")
+
+
+def save_checkpoint(path: str, model: ViT, preprocess: Preprocess, labels: list[str]) -> None:
+    """Write our single-file format: weights + config, preprocessing and labels in the header."""
+    meta = {
+        "vitpipe.config": json.dumps(model.cfg.to_dict()),
+        "vitpipe.preprocess": json.dumps(preprocess.to_dict()),
+        "vitpipe.labels": json.dumps(labels),
+    }
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with fsspec.open(path, "wb") as f:
+        f.write(save_safetensors_bytes(tensors, metadata=meta))
+
+
+def load_into(model: ViT, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load that names the first missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    for name, t in expected.items():
+        if name not in state_dict:
+            raise CheckpointError(f"{source}: missing key {name!r} (shape {tuple(t.shape)}) for this arch")
+        if name == "pos_embed" and state_dict[name].shape[1] != t.shape[1]:
+            continue  # resized below
+        if state_dict[name].shape != t.shape:
+            raise CheckpointError(f"{source}: key {name!r} has shape {tuple(state_dict[name].shape)}, "
+                                  f"the arch expects {tuple(t.shape)}; check model.arch / image size")
+    extra = sorted(set(state_dict) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key {extra[0]!r}; is this checkpoint for another model?")
+    sd = dict(state_dict)
+    if sd["pos_embed"].shape[1] != expected["pos_embed"].shape[1]:
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.cfg.grid)
+    model.load_state_dict(sd, strict=True)
+
+
+def _from_ours(data: bytes, source: str) -> Checkpoint:
+    meta = _safetensors_metadata(data)
+    if "vitpipe.config" not in meta:
+        raise CheckpointError(f"{source}: a .safetensors file without vitpipe metadata; "
+                              "set model.arch, or convert it with pipeline.model.checkpoints.save_checkpoint")
+    cfg = ViTConfig(**json.loads(meta["vitpipe.config"]))
+    pre = Preprocess.from_dict(json.loads(meta["vitpipe.preprocess"]))
+    labels = json.loads(meta.get("vitpipe.labels", "[]"))
+    return Checkpoint(cfg, load_safetensors_bytes(data), pre, labels, source)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The safetensors header is 8 bytes of length then JSON; metadata sits under __metadata__."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    return header.get("__metadata__", {}) or {}
+
+
+# --- Hugging Face transformers ViT -------------------------------------------------------------
+
+_HF_RENAMES = [
+    # classic on-disk names (transformers 4.x checkpoints on the Hub)
+    (r"^vit\.embeddings\.cls_token$", "cls_token"),
+    (r"^vit\.embeddings\.position_embeddings$", "pos_embed"),
+    (r"^vit\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^vit\.encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^vit\.encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^vit\.encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^vit\.encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+    (r"^vit\.encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    (r"^vit\.encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.", r"blocks.\1.attn.\2."),
+    # transformers 5.x in-memory names
+    (r"^vit\.layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^vit\.layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^vit\.layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"^vit\.layers\.(\d+)\.mlp\.fc1\.", r"blocks.\1.mlp.fc1."),
+    (r"^vit\.layers\.(\d+)\.mlp\.fc2\.", r"blocks.\1.mlp.fc2."),
+    (r"^vit\.layers\.(\d+)\.attention\.(q|k|v)_proj\.", r"blocks.\1.attn.\2."),
+    (r"^vit\.layernorm\.", "norm."),
+    (r"^classifier\.", "head."),
+]
+_QKV = {"query": "q", "key": "k", "value": "v", "q": "q", "k": "k", "v": "v"}
+
+
+def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ViT names -> ours; separate q/k/v projections fused into one qkv."""
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for name, t in sd.items():
+        if name.startswith("vit.pooler."):
+            continue  # ViTModel's tanh pooler is not part of the classifier path
+        new = name
+        for pat, rep in _HF_RENAMES:
+            new, n = re.subn(pat, rep, name)
+            if n:
+                break
+        else:
+            new = name  # left as is: load_into names it if it does not belong
+        m = re.match(r"^blocks\.(\d+)\.attn\.(query|key|value|q|k|v)\.(weight|bias)$", new)
+        if m:
+            parts.setdefault((m.group(1), m.group(3)), {})[_QKV[m.group(2)]] = t
+        else:
+            out[new] = t
+    for (i, kind), qkv in parts.items():
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
+    return out
+
+
+def _from_hf_dir(fs: Any, path: str, source: str) -> Checkpoint:
+    cfg_path = f"{path.rstrip('/')}/config.json"
+    if not fs.exists(cfg_path):
+        raise CheckpointError(f"{source}: a directory without config.json; expected a Hugging Face ViT directory")
+    hf = json.loads(fs.cat_file(cfg_path))
+    if hf.get("model_type") != "vit":
+        raise CheckpointError(f"{source}: config.json model_type is {hf.get('model_type')!r}, expected 'vit'")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{source}: hidden_act {hf.get('hidden_act')!r} is not supported (only 'gelu')")
+    id2label = hf.get("id2label") or {}
+    num_classes = len(id2label) if hf.get("architectures", [""])[0].endswith("ForImageClassification") else 0
+    cfg = ViTConfig(image_size=hf["image_size"], patch_size=hf["patch_size"], in_chans=hf.get("num_channels", 3),
+                    dim=hf["hidden_size"], depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
+                    mlp_dim=hf["intermediate_size"], num_classes=num_classes, pooling="cls",
+                    qkv_bias=hf.get("qkv_bias", True), layer_norm_eps=hf.get("layer_norm_eps", 1e-12))
+    pre = Preprocess(image_size=cfg.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="squash")
+    pp_path = f"{path.rstrip('/')}/preprocessor_config.json"
+    if fs.exists(pp_path):
+        pp = json.loads(fs.cat_file(pp_path))
+        size = pp.get("size", cfg.image_size)
+        size = size.get("height", cfg.image_size) if isinstance(size, dict) else size
+        pre = Preprocess(image_size=int(size), mean=tuple(pp.get("image_mean", pre.mean)),
+                         std=tuple(pp.get("image_std", pre.std)), resize="squash")
+    weights = _read_hf_weights(fs, path, source)
+    labels = [id2label[str(i)] for i in range(num_classes)] if num_classes else []
+    return Checkpoint(cfg, convert_hf_state_dict(weights), pre, labels, source)
+
+
+def _read_hf_weights(fs: Any, path: str, source: str) -> dict[str, torch.Tensor]:
+    base = path.rstrip("/")
+    if fs.exists(f"{base}/model.safetensors"):
+        return load_safetensors_bytes(fs.cat_file(f"{base}/model.safetensors"))
+    if fs.exists(f"{base}/pytorch_model.bin"):
+        return torch.load(io.BytesIO(fs.cat_file(f"{base}/pytorch_model.bin")), map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{source}: no model.safetensors or pytorch_model.bin in the directory")

@@ -1,0 +1,117 @@
+"""The model stage: a Ray actor that loads its engine once, then turns record batches into rows.
+
+Decode runs here, fused into the actor: on CPU-only boxes a separate decode task
+would steal a core from the multi-threaded model (DESIGN.md, measured), and the
+object store then carries compressed bytes, not pixels. `predict_batch` is a
+plain function, so the stage is tested without Ray.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import JobSpec, OutputsSpec
+from pipeline.decode import DecodeError, decode_image
+from pipeline.engines.base import Engine, build_engine
+from pipeline.model.checkpoints import Checkpoint, Preprocess, load_checkpoint
+
+PASS_THROUGH = ("key", "source_uri", "source_etag", "member", "label")
+
+
+def output_schema(embed_dim: int, outputs: OutputsSpec) -> pa.Schema:
+    """The row schema every predictor batch has (ok, error and skipped rows together)."""
+    fields = [
+        pa.field("key", pa.string()),
+        pa.field("source_uri", pa.string()),
+        pa.field("source_etag", pa.string()),
+        pa.field("member", pa.string()),
+        pa.field("label", pa.int64()),
+        pa.field("status", pa.string()),
+        pa.field("error_stage", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+    ]
+    if outputs.embeddings:
+        value = pa.float16() if outputs.embedding_dtype == "float16" else pa.float32()
+        fields.append(pa.field("embedding", pa.list_(value, embed_dim)))
+    if outputs.top_k:
+        fields += [pa.field("topk_ids", pa.list_(pa.int32())),
+                   pa.field("topk_scores", pa.list_(pa.float32())),
+                   pa.field("topk_labels", pa.list_(pa.string()))]
+    return pa.schema(fields)
+
+
+def decode_records(batch: pa.Table, pre: Preprocess) -> tuple[np.ndarray, dict[str, list]]:
+    """Decode every record of status "record"; failures turn into error columns, never raise."""
+    cols = {c: batch.column(c).to_pylist() for c in ("status", "error_stage", "error_type", "error_message")}
+    images = batch.column("image")
+    S = pre.image_size
+    pixels = np.zeros((batch.num_rows, S, S, 3), dtype=np.uint8)  # (B, S, S, 3)
+    for i, status in enumerate(cols["status"]):
+        if status != "record":
+            continue
+        try:
+            pixels[i] = decode_image(images[i].as_py(), pre)
+            cols["status"][i] = "ok"
+        except DecodeError as e:
+            cols["status"][i], cols["error_stage"][i] = "error", "decode"
+            cols["error_type"][i], cols["error_message"][i] = e.kind, str(e)
+    return pixels, cols
+
+
+def predict_batch(batch: pa.Table, engine: Engine, pre: Preprocess, labels: list[str],
+                  outputs: OutputsSpec) -> pa.Table:
+    """Records (RECORD_COLUMNS) -> output rows (output_schema): decode, run the engine, top-k."""
+    pixels, cols = decode_records(batch, pre)
+    ok = np.flatnonzero(np.array(cols["status"]) == "ok")
+    n = batch.num_rows
+    data: dict[str, object] = {c: batch.column(c) for c in PASS_THROUGH} | cols
+    emb = np.zeros((n, engine.embed_dim), dtype=np.float32)  # (B, D)
+    logits = np.zeros((n, max(engine.num_classes, 1)), dtype=np.float32)  # (B, C)
+    if len(ok):
+        e, lg = engine.run(pixels[ok])
+        emb[ok] = e
+        if engine.num_classes:
+            logits[ok] = lg
+    schema = output_schema(engine.embed_dim, outputs)
+    if outputs.embeddings:
+        dtype = np.float16 if outputs.embedding_dtype == "float16" else np.float32
+        flat = pa.array(emb.astype(dtype).reshape(-1))
+        data["embedding"] = pa.FixedSizeListArray.from_arrays(flat, engine.embed_dim)
+    if outputs.top_k:
+        data.update(top_k(logits, outputs.top_k, labels, ok_mask=np.isin(np.arange(n), ok),
+                          has_head=engine.num_classes > 0))
+    return pa.table({f.name: data[f.name] for f in schema}, schema=schema)
+
+
+def top_k(logits: np.ndarray, k: int, labels: list[str], ok_mask: np.ndarray, has_head: bool) -> dict[str, list]:
+    """Softmax top-k per row; rows that are not ok (or a model without a head) get empty lists."""
+    k = min(k, logits.shape[1])
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # (B, C)
+    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (B, k)
+    scores = np.take_along_axis(probs, idx, axis=1)  # (B, k)
+    ids_col, scores_col, names_col = [], [], []
+    for i in range(len(logits)):
+        if not ok_mask[i] or not has_head:
+            ids_col.append([]), scores_col.append([]), names_col.append([])
+            continue
+        ids_col.append(idx[i].tolist())
+        scores_col.append(scores[i].tolist())
+        names_col.append([labels[j] if j < len(labels) else str(j) for j in idx[i]])
+    return {"topk_ids": ids_col, "topk_scores": scores_col, "topk_labels": names_col}
+
+
+class Predictor:
+    """The Ray actor: constructed once per actor, called once per batch."""
+
+    def __init__(self, job: dict, threads: int):
+        spec = JobSpec.model_validate(job)
+        m = spec.model
+        self.ckpt: Checkpoint = load_checkpoint(m.checkpoint, m.arch, m.pooling, m.image_size, m.num_classes)
+        self.engine = build_engine(self.ckpt, spec.engine.backend, spec.engine.precision, spec.engine.device, threads)
+        self.outputs = spec.outputs
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs)
