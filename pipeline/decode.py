@@ -40,6 +40,8 @@ def decode_image(data: bytes, pre: Preprocess, max_pixels: int = MAX_PIXELS) -> 
         head = data[:8]
         raise DecodeError("UnsupportedFormat",
                           f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)}); first bytes {head!r}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DecodeError("CorruptImage", f"image header could not be decoded: {e}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise DecodeError("DecompressionBomb", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")

@@ -141,11 +141,12 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan) -> ray.data.Da
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(read_shards_udf, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
                         fn_kwargs={"source": spec.source.model_dump()},
-                        concurrency=spec.resources.max_shards_in_flight)
+                        compute=ray.data.TaskPoolStrategy(size=spec.resources.max_shards_in_flight))
     return ds.map_batches(
         Predictor, batch_size=spec.engine.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads},
-        concurrency=plan.actors, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )
 
 
@@ -188,12 +189,14 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
 
     wall = time.time() - t0
     c = sink.counts
+    device = "cuda" if plan.gpus_per_actor else "cpu"
+    engine_name = f"{spec.engine.backend}-{device}-{spec.engine.precision}"
     report = RunReport(
         run_id=run_id, job=spec.name, output_uri=spec.output.uri, records_read=c.records, ok_rows=c.ok,
         error_rows=c.error_rows, errors_by_type=dict(c.errors), skipped_members=dict(c.skipped),
         shards=len(shards), wall_s=round(wall, 3), images_per_s=round(c.records / wall, 2) if wall else 0.0,
         time_to_first_row_s=None if first_row_s is None else round(first_row_s, 3), model_id=model_id,
-        model_source=ckpt.source, engine=f"{spec.engine.backend}-{spec.engine.device}-{spec.engine.precision}",
+        model_source=ckpt.source, engine=engine_name,
         actors=plan.actors, threads_per_actor=plan.threads, embedding_dim=ckpt.config.dim, labeled=c.labeled,
         top1_accuracy=round(c.correct / c.labeled, 4) if c.labeled else None,
     )

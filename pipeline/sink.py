@@ -92,7 +92,9 @@ class RollingWriter:
         self.writer.close()
         name = f"part-{len(self.files):05d}.parquet"
         rel = name if self.kind == "ok" else f"errors/{name}"
-        self.fs.put_file(self.local, posixpath.join(self.staging, rel))
+        dest = posixpath.join(self.staging, rel)
+        self.fs.makedirs(posixpath.dirname(dest), exist_ok=True)  # local filesystems need the folder
+        self.fs.put_file(self.local, dest)
         self.files.append(FileEntry(rel, self.kind, self.file_rows, os.path.getsize(self.local), _sha256(self.local)))
         os.remove(self.local)
         self.writer, self.file_rows = None, 0
@@ -126,8 +128,6 @@ class ParquetSink:
         self.err_schema = pa.schema([schema.field(c) for c in ERROR_COLUMNS]).with_metadata(meta)
         self.counts = Counts()
         self._tmp = tempfile.mkdtemp(prefix="vitpipe-sink-")
-        self.fs.makedirs(f"{self.staging}/errors", exist_ok=True)
-        self.fs.makedirs(f"{self.root}/errors", exist_ok=True)
         self.ok_writer = RollingWriter(self.fs, self.staging, "ok", self.ok_schema, out, self._tmp)
         self.err_writer = RollingWriter(self.fs, self.staging, "errors", self.err_schema, out, self._tmp)
 
@@ -153,6 +153,7 @@ class ParquetSink:
             self.check_writable()
             self.fs.rm_file(f"{self.root}/_SUCCESS")  # readers stop trusting the old run first
         self._remove_old_outputs()
+        self.fs.makedirs(f"{self.root}/errors", exist_ok=True)
         for entry in files:
             final = _final_name(entry.path, self.run_id)
             self.fs.mv(f"{self.staging}/{entry.path}", f"{self.root}/{final}")
@@ -208,12 +209,19 @@ class ParquetSink:
         shutil.rmtree(self._tmp, ignore_errors=True)
         if self.fs.exists(self.staging):
             self.fs.rm(self.staging, recursive=True)
+        parent = f"{self.root}/_staging"
+        try:
+            if self.fs.exists(parent) and not self.fs.ls(parent, detail=False):
+                self.fs.rm(parent, recursive=True)  # stores with real directories keep empty ones
+        except OSError:
+            pass  # another run's staging may appear meanwhile; leaving the empty parent is harmless
+        self.fs.invalidate_cache()
 
 
 def _final_name(rel: str, run_id: str) -> str:
     """part-00000.parquet -> part-<run>-00000.parquet, so runs never overwrite each other's files."""
     d, base = posixpath.split(rel)
-    return posixpath.join(d, base.replace("part-", f"part-{run_id[:8]}-", 1))
+    return posixpath.join(d, base.replace("part-", f"part-{run_id.rsplit('-', 1)[-1]}-", 1))
 
 
 def _drop(schema: pa.Schema, names: tuple[str, ...]) -> pa.Schema:

@@ -1,0 +1,84 @@
+"""Decode: every odd input becomes RGB uint8 at model size, or a DecodeError with a useful message."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from helpers import bomb_png, exif_rotated_jpeg, image_bytes
+
+from pipeline.decode import DecodeError, decode_image
+from pipeline.model.checkpoints import Preprocess
+
+PRE = Preprocess(image_size=32, resize="crop", crop_pct=0.875)
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGBA"),
+                                      ("PNG", "LA"), ("PNG", "I;16"), ("GIF", "P"), ("WEBP", "RGB"),
+                                      ("BMP", "RGB"), ("TIFF", "RGB")])
+def test_modes_and_formats_become_rgb_uint8(fmt, mode):
+    out = decode_image(image_bytes(90, 50, fmt, mode=mode), PRE)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_alpha_is_composited_on_white():
+
+    img = Image.new("RGBA", (40, 40), (0, 0, 0, 0))  # fully transparent black
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    assert decode_image(buf.getvalue(), PRE).min() == 255
+
+
+def test_sixteen_bit_keeps_its_range():
+
+    img = Image.fromarray(np.full((40, 40), 65535, np.uint16))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    assert decode_image(buf.getvalue(), PRE).min() == 255  # white stays white, not clipped garbage
+
+
+def test_exif_orientation_is_applied():
+    # Stored 60 wide x 20 tall, red left / blue right; orientation 6 means shown rotated 90 CW:
+    # red ends up on top, blue at the bottom.
+    out = decode_image(exif_rotated_jpeg(), Preprocess(image_size=32, resize="squash"))
+    top, bottom = out[2].mean(0), out[-3].mean(0)
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_center_crop_keeps_the_middle():
+    a = np.zeros((64, 128, 3), np.uint8)
+    a[:, 32:96] = 255  # a white middle band, black sides
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    out = decode_image(buf.getvalue(), Preprocess(image_size=32, resize="crop", crop_pct=1.0))
+    assert out.mean() > 250  # the crop took only the white band
+
+
+def test_large_jpeg_uses_draft_and_matches_full_decode():
+    data = image_bytes(2400, 1800, "JPEG", seed=3, quality=90)
+    out = decode_image(data, PRE)
+    assert out.shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("data,kind,words", [
+    (b"", "EmptyFile", "empty"),
+    (b"just some text\n", "UnsupportedFormat", "allowed format"),
+    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "UnsupportedFormat", "allowed format"),
+    (image_bytes(400, 300, "JPEG", seed=1)[:600], "CorruptImage", "could not be decoded"),
+    (bomb_png(), "DecompressionBomb", "pixels"),
+])
+def test_bad_inputs_raise_decode_errors(data, kind, words):
+    with pytest.raises(DecodeError) as e:
+        decode_image(data, PRE)
+    assert e.value.kind == kind
+    assert words in str(e.value)
+
+
+def test_pixel_limit_is_configurable():
+    data = image_bytes(200, 200, "PNG")
+    with pytest.raises(DecodeError, match="exceeds the limit"):
+        decode_image(data, PRE, max_pixels=100 * 100)

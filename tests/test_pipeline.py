@@ -1,0 +1,137 @@
+"""End to end on real parts: SeaweedFS S3 + a two-node Ray cluster -> Parquet read back by DuckDB/Polars."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from helpers import bad_input_members, image_bytes, tar_bytes
+
+from pipeline.config import JobSpec
+from pipeline.demo import digit_jpegs, write_shards
+from pipeline.runner import run_job
+from pipeline.sink import OutputExistsError
+
+pytestmark = pytest.mark.heavy
+
+
+def _spec(src: str, out: str, **sections) -> JobSpec:
+    data = {"name": "test", "source": {"uri": src}, "model": {"checkpoint": "builtin:digits"},
+            "engine": {"batch_size": 32}, "outputs": {"top_k": 3}, "output": {"uri": out},
+            "ray": {"progress": False}}
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    return JobSpec.model_validate(data)
+
+
+def _duck(s3) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.register_filesystem(s3)  # DuckDB reads s3:// through the same fsspec filesystem, no extension download
+    return con
+
+
+def test_s3_two_nodes_end_to_end(ray_cluster, s3):
+    bucket = "vitpipe-e2e"
+    s3.mkdir(bucket)
+    digits = digit_jpegs("test")
+    write_shards(digits, f"s3://{bucket}/shards", n_shards=5)
+    # One more shard of larger photos-like JPEGs (mixed sizes; no labels) to exercise resize paths.
+    big = [(f"photo-{i}.jpg", image_bytes(200 + 97 * i, 150 + 61 * i, seed=i)) for i in range(12)]
+    s3.pipe(f"{bucket}/shards/photos-00000.tar", tar_bytes(big))
+    s3.invalidate_cache()
+
+    report = run_job(_spec(f"s3://{bucket}/shards/", f"s3://{bucket}/out/"))
+
+    total = len(digits) + len(big)
+    assert report.records_read == total == report.ok_rows + report.error_rows
+    assert report.error_rows == 0 and report.actors == 2 and report.shards == 6
+    assert report.top1_accuracy is not None and report.top1_accuracy > 0.9
+
+    s3.invalidate_cache()
+    assert s3.exists(f"{bucket}/out/_SUCCESS")
+    # No staged files left behind (SeaweedFS may keep an empty directory entry; it holds nothing).
+    assert [p for p in s3.find(f"{bucket}/out/_staging") if p.endswith(".parquet")] == []
+    manifest = json.loads(s3.cat(f"{bucket}/out/_manifest.json"))
+    con = _duck(s3)
+    rows = con.sql(f"SELECT key, label, topk_ids[1] AS top1, len(embedding) AS d, len(topk_labels) AS k "
+                   f"FROM read_parquet('s3://{bucket}/out/part-*.parquet')").fetchall()
+    assert len(rows) == total
+    assert len({r[0] for r in rows}) == total  # every key exactly once
+    assert {r[3] for r in rows} == {96} and {r[4] for r in rows} == {3}
+    labeled = [r for r in rows if r[1] is not None]
+    assert len(labeled) == len(digits)
+    assert sum(r[1] == r[2] for r in labeled) / len(labeled) > 0.9
+    assert sum(f["rows"] for f in manifest["files"] if f["kind"] == "ok") == total
+    assert manifest["counts"] == {"records": total, "ok": total, "errors": 0, "skipped": 0}
+    # The schema is portable: a plain fixed_size_list, provenance in the key-value metadata.
+    ok_file = next(f for f in manifest["files"] if f["kind"] == "ok")["path"]
+    with s3.open(f"{bucket}/out/{ok_file}") as f:
+        schema = pq.read_schema(f)
+    assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[96]"
+    assert schema.metadata[b"vitpipe.model_id"].decode() == manifest["model"]["id"]
+    assert len(manifest["files"]) == 1  # 371 rows: one sensible file, not one per block
+
+
+def test_bad_input_shard_is_confined_to_its_records(ray_cluster, s3):
+    bucket = "vitpipe-bad"
+    s3.mkdir(bucket)
+    members, expected_errors, expected_ok = bad_input_members()
+    s3.pipe(f"{bucket}/in/bad-00000.tar", tar_bytes(members))
+    s3.pipe(f"{bucket}/in/good-00001.tar", tar_bytes([(f"fine{i}.png", image_bytes(40, 40, "PNG", seed=i))
+                                                       for i in range(5)]))
+    s3.invalidate_cache()
+    report = run_job(_spec(f"s3://{bucket}/in/", f"s3://{bucket}/out/"))
+
+    con = _duck(s3)
+    ok = {r[0] for r in con.sql(f"SELECT key FROM 's3://{bucket}/out/part-*.parquet'").fetchall()}
+    errs = con.sql(f"SELECT key, error_stage, error_type, error_message, source_uri "
+                   f"FROM 's3://{bucket}/out/errors/part-*.parquet'").fetchall()
+    assert ok == expected_ok | {f"fine{i}" for i in range(5)}
+    got = {(k, t) for k, _, t, _, _ in errs}
+    assert got == set(expected_errors.items())
+    for key, stage, _, message, source in errs:
+        assert stage in ("read", "decode") and len(message) > 10 and source.endswith("bad-00000.tar"), key
+    assert report.records_read == len(ok) + len(errs) == report.ok_rows + report.error_rows
+    assert report.skipped_members == {"NoImageMember": 2}
+    assert report.errors_by_type["UnsafeMember"] == 3
+
+
+def test_rerun_same_output_refuses_then_replaces(ray_cluster, tmp_path):
+    write_shards(digit_jpegs("test")[:60], str(tmp_path / "in"), n_shards=2)
+    out = tmp_path / "out"
+    first = run_job(_spec(str(tmp_path / "in"), str(out)))
+    before = sorted(p.name for p in out.glob("part-*.parquet"))
+    manifest_before = (out / "_manifest.json").read_text()
+
+    with pytest.raises(OutputExistsError, match="already holds a finished run"):
+        run_job(_spec(str(tmp_path / "in"), str(out)))
+    assert (out / "_manifest.json").read_text() == manifest_before  # untouched
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == before
+
+    second = run_job(_spec(str(tmp_path / "in"), str(out), output={"mode": "overwrite"}))
+    assert second.run_id != first.run_id
+    df = pl.read_parquet(str(out / "part-*.parquet"))
+    assert df.height == 60 and df["key"].n_unique() == 60  # replaced, not appended
+    after = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert not set(after) & set(before)  # the old run's files are gone
+    assert json.loads((out / "_SUCCESS").read_text())["run_id"] == second.run_id
+    assert not (out / "_staging").exists()
+    # Same job, same inputs: the same rows (keys, labels, predictions).
+    old_rows = sorted(first_rows := [(r["key"], r["topk_ids"][0]) for r in df.to_dicts()])
+    assert len(old_rows) == len(first_rows) == 60
+
+
+def test_float16_gap_embeddings_only(ray_cluster, tmp_path):
+    write_shards(digit_jpegs("test")[:40], str(tmp_path / "in"), n_shards=1)
+    out = tmp_path / "emb"
+    report = run_job(_spec(str(tmp_path / "in"), str(out), model={"pooling": "gap"},
+                           outputs={"top_k": 0, "embedding_dtype": "float16"}, engine={"precision": "bf16"}))
+    assert report.ok_rows == 40
+    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    assert str(schema.field("embedding").type) == "fixed_size_list<element: halffloat>[96]"
+    assert "topk_ids" not in schema.names
+    df = pl.read_parquet(str(out / "part-*.parquet"))
+    assert df.height == 40 and df["embedding"].dtype.size == 96

@@ -1,0 +1,100 @@
+"""Listing and reading shards without Ray: provenance, labels, unsafe members, every format."""
+
+from __future__ import annotations
+
+import io
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import bad_input_members, image_bytes, tar_bytes
+
+from pipeline.config import SourceSpec
+from pipeline.sources import SourceError, list_shards, read_shard
+
+
+def _records(source: SourceSpec) -> list[dict]:
+    return [r for s in list_shards(source) for chunk in read_shard(s, source, chunk=4) for r in chunk]
+
+
+def test_webdataset_labels_provenance_and_chunks(tmp_path):
+    members = []
+    for i in range(10):
+        members += [(f"s{i:03d}.jpg", image_bytes(20, 20, seed=i)), (f"s{i:03d}.cls", str(i % 3).encode())]
+    members += [("meta/j001.png", image_bytes(8, 8, "PNG")), ("meta/j001.json", b'{"label": 7}')]
+    (tmp_path / "a.tar").write_bytes(tar_bytes(members))
+    (tmp_path / "ignored.txt").write_text("not a shard")
+    source = SourceSpec(uri=str(tmp_path), format="webdataset")
+    shards = list_shards(source)
+    assert [s.uri.rsplit("/", 1)[1] for s in shards] == ["a.tar"]
+    assert shards[0].etag and shards[0].size > 0
+    chunks = list(read_shard(shards[0], source, chunk=4))
+    assert [len(c) for c in chunks] == [4, 4, 3]
+    recs = [r for c in chunks for r in c]
+    assert [r["key"] for r in recs] == [f"s{i:03d}" for i in range(10)] + ["meta/j001"]
+    assert [r["label"] for r in recs] == [i % 3 for i in range(10)] + [7]
+    assert all(r["status"] == "record" and r["source_uri"] == shards[0].uri for r in recs)
+    assert recs[-1]["member"] == "meta/j001.png"
+
+
+def test_unsafe_duplicate_and_non_image_members(tmp_path):
+    members, errors, ok = bad_input_members()
+    (tmp_path / "bad.tar").write_bytes(tar_bytes(members))
+    recs = _records(SourceSpec(uri=str(tmp_path / "bad.tar")))
+    by_status = {}
+    for r in recs:
+        by_status.setdefault(r["status"], []).append(r)
+    read_errors = {r["key"]: r["error_type"] for r in by_status["error"]}
+    assert read_errors == {"../escape.jpg": "UnsafeMember", "/abs.jpg": "UnsafeMember",
+                           "link.jpg": "UnsafeMember", "dup": "DuplicateKey"}
+    assert "/etc/passwd" in next(r for r in by_status["error"] if r["key"] == "link.jpg")["error_message"]
+    assert sorted(r["key"] for r in by_status["skipped"]) == ["fake", "readme"]
+    # Every image member that is not unsafe or a duplicate is a record to decode, exactly once.
+    assert sorted(r["key"] for r in by_status["record"]) == sorted(
+        k for k in ok | {e for e, t in errors.items() if t not in ("UnsafeMember", "DuplicateKey")})
+
+
+def test_image_folder_groups_into_shards(tmp_path):
+    for i in range(7):
+        sub = tmp_path / ("cats" if i % 2 else "dogs")
+        sub.mkdir(exist_ok=True)
+        (sub / f"{i}.png").write_bytes(image_bytes(10, 10, "PNG", seed=i))
+    (tmp_path / "notes.md").write_text("skip me")
+    source = SourceSpec(uri=str(tmp_path), format="images", images_per_shard=3)
+    shards = list_shards(source)
+    assert [len(s.files) for s in shards] == [3, 3, 1]
+    recs = _records(source)
+    assert sorted(r["key"] for r in recs) == sorted(f"{'cats' if i % 2 else 'dogs'}/{i}" for i in range(7))
+    assert all(r["source_uri"].endswith(r["member"]) for r in recs)
+
+
+def test_parquet_source_with_key_and_label_columns():
+    fs = fsspec.filesystem("memory")
+    table = pa.table({"img": [image_bytes(10, 10, seed=i) for i in range(5)], "y": [0, 1, None, 3, 4],
+                      "id": [f"r{i}" for i in range(5)]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe("/pq/data/one.parquet", buf.getvalue())
+    source = SourceSpec(uri="memory://pq/data", format="parquet", image_column="img", label_column="y", key_column="id")
+    recs = _records(source)
+    assert [r["key"] for r in recs] == [f"r{i}" for i in range(5)]
+    assert [r["label"] for r in recs] == [0, 1, None, 3, 4]
+    bad = SourceSpec(uri="memory://pq/data", format="parquet", image_column="pixels")
+    with pytest.raises(SourceError, match="column 'pixels' not found"):
+        _records(bad)
+
+
+def test_empty_or_missing_source_fails_before_any_work(tmp_path):
+    with pytest.raises(SourceError, match="nothing there"):
+        list_shards(SourceSpec(uri=str(tmp_path / "nope")))
+    (tmp_path / "x.jpg").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"no \.tar files"):
+        list_shards(SourceSpec(uri=str(tmp_path), format="webdataset"))
+
+
+def test_glob_lists_matching_shards_only(tmp_path):
+    for name in ("a-000.tar", "a-001.tar", "b-000.tar"):
+        (tmp_path / name).write_bytes(tar_bytes([("k.jpg", image_bytes(8, 8))]))
+    shards = list_shards(SourceSpec(uri=f"{tmp_path}/a-*.tar"))
+    assert [s.uri.rsplit("/", 1)[1] for s in shards] == ["a-000.tar", "a-001.tar"]
