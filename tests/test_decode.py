@@ -7,10 +7,11 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from helpers import bomb_png, exif_rotated_jpeg, image_bytes
 
 from pipeline.decode import DecodeError, decode_image
 from pipeline.model.checkpoints import Preprocess
+
+from helpers import bomb_png, exif_rotated_jpeg, image_bytes
 
 PRE = Preprocess(image_size=32, resize="crop", crop_pct=0.875)
 

@@ -8,12 +8,13 @@ import duckdb
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from helpers import bad_input_members, image_bytes, tar_bytes
 
 from pipeline.config import JobSpec
 from pipeline.demo import digit_jpegs, write_shards
 from pipeline.runner import run_job
 from pipeline.sink import OutputExistsError
+
+from helpers import bad_input_members, image_bytes, tar_bytes
 
 pytestmark = pytest.mark.heavy
 

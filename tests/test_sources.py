@@ -8,10 +8,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import bad_input_members, image_bytes, tar_bytes
 
 from pipeline.config import SourceSpec
 from pipeline.sources import SourceError, list_shards, read_shard
+
+from helpers import bad_input_members, image_bytes, tar_bytes
 
 
 def _records(source: SourceSpec) -> list[dict]:
