@@ -1,4 +1,7 @@
-"""`vitpipe`: run | demo | inspect. Each command's --help explains its options."""
+"""`vitpipe`: run | compile | submit | status | logs | stop | schedule | runs | errors | demo | inspect.
+
+Each command's --help explains its options.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +17,127 @@ from pipeline.config import JobSpecError, describe_spec, load_job_spec
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_job
 
-    spec = load_job_spec(args.job, args.set)
-    if args.address:
-        spec.ray.address = args.address
+    spec = _spec_for_cli(args)
     if args.no_progress:
         spec.ray.progress = False
     report = run_job(spec)
     print(report.summary())
     print(f"\nmanifest: {spec.output.uri.rstrip('/')}/_manifest.json   inspect: vitpipe inspect {spec.output.uri}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pipeline.runner import compile_job
+
+    spec = _spec_for_cli(args)
+    result = compile_job(spec)
+    print(f"engine   {result['backend']} ({result['reason']})")
+    print(f"model    {result['model_source']} id {result['model_id'][:12]}")
+    if result.get("cache"):
+        print(f"cache    {spec.engine.cache_uri or '~/.cache/vitpipe/engines'}: {result['cache']}")
+    gate = result.get("gate")
+    if gate:
+        print(f"gate     {'passed' if gate['passed'] else 'FAILED'}: cosine mean {gate['cosine_mean']:.5f} "
+              f"(min {gate['cosine_min']:.5f}), top-1 agreement {gate['top1_agreement']} on {gate['samples']} images")
+    else:
+        print("gate     not needed (torch fp32 is the reference)")
+    return 0
+
+
+def _spec_for_cli(args: argparse.Namespace):
+    spec = load_job_spec(args.job, args.set)
+    if getattr(args, "address", None) and args.command in ("run", "compile"):
+        spec.ray.address = args.address
+    return spec
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.service import submit, wait_for
+
+    spec = load_job_spec(args.job, args.set)
+    job_id = submit(spec, args.address)
+    print(job_id)
+    print(f"follow it: vitpipe logs {job_id} --address {args.address} --follow", file=sys.stderr)
+    if args.wait:
+        status = wait_for(args.address, job_id)
+        print(f"{job_id}: {status}", file=sys.stderr)
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.service import job_status
+
+    info = job_status(args.address, args.job_id)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pipeline.service import job_logs
+
+    job_logs(args.address, args.job_id, follow=args.follow)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pipeline.service import job_stop
+
+    print(f"{args.job_id}: {'stop requested' if job_stop(args.address, args.job_id) else 'was not running'}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipeline.service import cron_line, install_cron
+
+    load_job_spec(args.job, [])  # a bad spec fails now, not at 2 a.m.
+    line = cron_line(args.job, args.cron, args.log_dir)
+    print(line)
+    if args.install:
+        install_cron(line)
+        print("installed in this user's crontab", file=sys.stderr)
+    else:
+        print("(print only; --install adds it to this user's crontab; deploy/ has the Kubernetes CronJob)",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pipeline.service import list_runs
+
+    runs = list_runs(args.uri)
+    if not runs:
+        print(f"{args.uri}: no runs recorded (no _runs/)")
+        return 1
+    print(f"{'run id':<28} {'status':<10} {'mode':<12} {'records':>8} {'ok':>8} {'errors':>7} "
+          f"{'shards new/resumed/unchanged':>29} {'wall s':>8}")
+    for r in runs:
+        shards = f"{r.get('shards_processed', '-')}/{r.get('shards_resumed', '-')}/{r.get('shards_unchanged', '-')}"
+        print(f"{r['run_id']:<28} {r['status']:<10} {r.get('mode', '-'):<12} {r.get('records_read', '-'):>8} "
+              f"{r.get('ok_rows', '-'):>8} {r.get('error_rows', '-'):>7} {shards:>29} {r.get('wall_s', '-'):>8}")
+        if r["status"] == "failed":
+            print(f"    {r.get('error', '')}")
+    return 0
+
+
+def cmd_errors(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.service import error_summary, retry_spec
+
+    summary = error_summary(args.uri)
+    print(f"{args.uri}: {summary['total']} error rows")
+    for kind, n in summary["by_type"].items():
+        print(f"  {n:>7}  {kind}")
+        for ex in summary["examples"][kind]:
+            print(f"           e.g. {ex}")
+    if args.retry_spec and summary["total"]:
+        base = args.retry_spec.removesuffix(".yaml")
+        spec = retry_spec(summary, f"{base}.keys.txt", args.retry_output or args.uri.rstrip("/") + "-retry")
+        with open(args.retry_spec, "w") as f:
+            yaml.safe_dump(spec, f, sort_keys=False)
+        print(f"wrote {args.retry_spec}: retries the {summary['total']} failed records "
+              f"(run it with: vitpipe run {args.retry_spec})")
     return 0
 
 
@@ -43,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "model": {"checkpoint": "builtin:digits"},
         "engine": {"batch_size": 64},
         "outputs": {"top_k": 3, "embeddings": True},
-        "output": {"uri": output_uri, "mode": "overwrite"},
+        "output": {"uri": output_uri, "mode": "full"},
     })
     report = run_job(spec)
     print()
@@ -123,10 +239,61 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="Job spec fields (section.key: meaning [default]):\n" + describe_spec())
     run.add_argument("job", help="path to a job spec YAML file (see jobs/)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override any field, e.g. --set engine.batch_size=64 --set output.mode=overwrite")
+                     help="override any field, e.g. --set engine.batch_size=64 --set output.mode=full")
     run.add_argument("--address", help="an existing Ray cluster (default: start a local one on 127.0.0.1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     run.set_defaults(fn=cmd_run)
+
+    comp = sub.add_parser("compile", help="build and cache a job's engine ahead of a run, and print the accuracy gate",
+                          description="Build the engine a job would use (ONNX graph, TensorRT plan) where its actors "
+                                      "run, store it in engine.cache_uri, and check it against torch fp32 on images "
+                                      "from the job's own inputs. Run it ahead of a nightly job on the cluster's GPUs.")
+    comp.add_argument("job", help="path to a job spec YAML file")
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field")
+    comp.add_argument("--address", help="an existing Ray cluster (default: a local one)")
+    comp.set_defaults(fn=cmd_compile)
+
+    sm = sub.add_parser("submit", help="submit a job to a Ray cluster through the Ray Jobs API",
+                        description="Submit `vitpipe run` with this job spec to a Ray cluster. The spec travels with "
+                                    "the job; credentials never do (the cluster's workers read them from their "
+                                    "environment). Prints the job id.")
+    sm.add_argument("job", help="path to a job spec YAML file")
+    sm.add_argument("--address", required=True, help="the cluster's dashboard address, e.g. http://127.0.0.1:8265")
+    sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field")
+    sm.add_argument("--wait", action="store_true", help="wait for the job to finish; exit 1 unless it succeeded")
+    sm.set_defaults(fn=cmd_submit)
+    for name, fn, what in (("status", cmd_status, "show a submitted job's status"),
+                           ("logs", cmd_logs, "print a submitted job's logs"),
+                           ("stop", cmd_stop, "stop a submitted job")):
+        c = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        c.add_argument("job_id", help="the id `vitpipe submit` printed")
+        c.add_argument("--address", required=True, help="the cluster's dashboard address, e.g. http://127.0.0.1:8265")
+        if name == "logs":
+            c.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        c.set_defaults(fn=fn)
+
+    sc = sub.add_parser("schedule", help="print (or install) the crontab line for a nightly run",
+                        description="Print the crontab line that runs a job on a schedule on this machine "
+                                    "(flock makes an overlapping run exit; the output lease refuses a second writer "
+                                    "anywhere). For Kubernetes see deploy/cronjob.yaml.")
+    sc.add_argument("job", help="path to a job spec YAML file (use output.mode: incremental for nightly runs)")
+    sc.add_argument("--cron", required=True, help="five-field cron expression, e.g. '0 2 * * *'")
+    sc.add_argument("--log-dir", default="~/.vitpipe/logs", help="where each run's log goes [~/.vitpipe/logs]")
+    sc.add_argument("--install", action="store_true", help="add the line to this user's crontab")
+    sc.set_defaults(fn=cmd_schedule)
+
+    rn = sub.add_parser("runs", help="list an output's past runs with their status and counts",
+                        description="List the runs recorded under OUTPUT/_runs/: status, mode, counts, shards.")
+    rn.add_argument("uri", help="the output directory (any fsspec URI)")
+    rn.set_defaults(fn=cmd_runs)
+
+    er = sub.add_parser("errors", help="summarize an output's error rows; optionally write a retry job spec",
+                        description="Summarize error rows by stage and type with examples. --retry-spec writes a job "
+                                    "spec (and a keys file beside it) that re-reads only the failed records.")
+    er.add_argument("uri", help="the output directory (any fsspec URI)")
+    er.add_argument("--retry-spec", help="write a job spec that retries only the failed records here (YAML)")
+    er.add_argument("--retry-output", help="the retry job's output.uri [OUTPUT-retry]")
+    er.set_defaults(fn=cmd_errors)
 
     demo = sub.add_parser("demo", help="label held-out handwritten digits with the bundled ViT, on a local Ray",
                           description="Write demo shards, run a labeling + embedding job on a local Ray, "
@@ -149,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobSpecError as e:
         print(f"vitpipe: {e}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
         # Spec-level, checkpoint, source and output errors: a message, not a traceback.
         print(f"vitpipe {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

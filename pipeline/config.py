@@ -19,13 +19,16 @@ class Spec(BaseModel):
 
 
 class SourceSpec(Spec):
-    uri: str = Field(description="Where the shards are: any fsspec URI, directory or glob (s3://b/p/*.tar, file://..., memory://...).")
+    uri: str | list[str] = Field(
+        description="Where the shards are: any fsspec URI, directory or glob (s3://b/p/*.tar, file://...), or a list.")
     format: Literal["webdataset", "images", "parquet"] = Field(
         "webdataset", description="webdataset: .tar shards; images: a folder of image files; parquet: a column of image bytes.")
     image_column: str = Field("image", description="parquet: the column holding encoded image bytes.")
     label_column: str | None = Field(None, description="parquet: an optional integer ground-truth label column.")
     key_column: str | None = Field(None, description="parquet: the column with record keys (else file name + row number).")
     images_per_shard: int = Field(256, ge=1, description="images: how many files one read task takes.")
+    only_keys: str | None = Field(None, description="A file (URI) of record keys, one per line: read only those "
+                                                    "(what `vitpipe errors --retry-spec` writes).")
 
 
 class ModelSpec(Spec):
@@ -36,6 +39,12 @@ class ModelSpec(Spec):
     pooling: Literal["cls", "gap"] | None = Field(None, description="Embedding pooling; default: the checkpoint's.")
     image_size: int | None = Field(None, ge=16, description="Input size; position embeddings are interpolated if it differs.")
     num_classes: int | None = Field(None, ge=0, description="Random weights only: head size.")
+    heads: int | None = Field(None, ge=1, description="timm files only: attention heads (not stored in the "
+                                                     "weights); default: the arch's, else width / 64.")
+    labels: str | None = Field(None, description="A text file (one class name per line) or JSON list URI; "
+                                                 "default: the checkpoint's label names.")
+    mean: tuple[float, float, float] | None = Field(None, description="Normalization mean; default: the checkpoint's.")
+    std: tuple[float, float, float] | None = Field(None, description="Normalization std; default: the checkpoint's.")
 
     @field_validator("arch")
     @classmethod
@@ -53,11 +62,23 @@ class ModelSpec(Spec):
         return self
 
 
+class GateSpec(Spec):
+    enabled: bool = Field(True, description="Check non-fp32 or compiled engines against torch fp32 before the bulk run.")
+    samples: int = Field(64, ge=1, description="Calibration images taken from the job's own first shard.")
+    min_cosine: float = Field(0.999, ge=-1, le=1, description="Least mean embedding cosine to torch fp32.")
+    min_top1: float = Field(0.99, ge=0, le=1, description="Least top-1 agreement with torch fp32.")
+
+
 class EngineSpec(Spec):
-    backend: Literal["torch"] = Field("torch", description="Inference backend.")
+    backend: Literal["auto", "torch", "onnx", "tensorrt"] = Field(
+        "torch", description="auto: TensorRT on a GPU when installed, else torch CUDA, else the fastest CPU engine.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Compute precision (fp16 needs a GPU).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor has a GPU, else cpu.")
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per model call.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per model call (and TensorRT's max batch).")
+    compile: bool = Field(False, description="torch backend: torch.compile the model.")
+    cache_uri: str | None = Field(
+        None, description="Compiled-engine cache (local folder or fsspec URI); default ~/.cache/vitpipe/engines.")
+    gate: GateSpec = GateSpec()
 
 
 class OutputsSpec(Spec):
@@ -68,10 +89,12 @@ class OutputsSpec(Spec):
 
 class OutputSpec(Spec):
     uri: str = Field(description="The output dataset directory (any fsspec URI).")
-    mode: Literal["error", "overwrite"] = Field(
-        "error", description="If the output already holds a finished run: error (refuse) or overwrite (replace it).")
-    rows_per_file: int = Field(250_000, ge=1, description="Roll to a new part file after this many rows.")
-    row_group_rows: int = Field(16_384, ge=1, description="Rows per Parquet row group.")
+    mode: Literal["error", "full", "incremental"] = Field(
+        "error", description="error: refuse an output that holds a finished run; full: reprocess every shard and "
+                             "replace the output; incremental: only shards new, changed, or done with another model.")
+    row_group_rows: int = Field(16_384, ge=1, description="Rows per Parquet row group (one file per shard and kind).")
+    lease_ttl_s: float = Field(120.0, gt=0, description="The output lease's lifetime; renewed every third of it "
+                                                         "while the run lives, taken over after it by a later run.")
 
 
 class ResourcesSpec(Spec):

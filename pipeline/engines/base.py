@@ -46,10 +46,89 @@ def normalization_constants(ckpt: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
     return scale, shift
 
 
-def build_engine(ckpt: Checkpoint, backend: str, precision: str, device: str, threads: int) -> Engine:
-    """The engine a job spec asks for; imports a backend only when it is used."""
+@dataclass
+class BuiltEngine:
+    engine: Engine
+    backend: str
+    reason: str  # why this backend (for `auto`), and what the cache did
+    cache: str = ""
+
+
+def gpu_capability() -> str | None:
+    """"sm_90" for the visible CUDA GPU, None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def resolve_backend(backend: str, precision: str, device: str) -> tuple[str, str]:
+    """The backend to use on this worker, and why (for the report)."""
+    gpu = device != "cpu" and gpu_capability() is not None
+    if backend != "auto":
+        return backend, "asked for in the job spec"
+    if gpu:
+        from pipeline.engines.tensorrt_engine import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if ok:
+            return "tensorrt", f"auto: CUDA GPU and TensorRT {why} present"
+        return "torch", f"auto: CUDA GPU present, TensorRT not usable ({why}); torch CUDA"
+    if precision == "fp32" and _has_onnxruntime():
+        return "onnx", "auto: CPU fp32, ONNX Runtime measured faster than torch on CPU (see benchmarks/)"
+    return "torch", f"auto: CPU {precision}: torch (ONNX Runtime has no fast {precision} CPU kernels)"
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_engine(ckpt: Checkpoint, backend: str, precision: str, device: str, threads: int,
+                 max_batch: int = 32, cache_uri: str | None = None, compile: bool = False) -> BuiltEngine:
+    """The engine a job spec asks for; compiled artifacts come from (and go to) the engine cache."""
+    backend, reason = resolve_backend(backend, precision, device)
     if backend == "torch":
         from pipeline.engines.torch_engine import TorchEngine
 
-        return TorchEngine(ckpt, precision=precision, device=device, threads=threads)
-    raise ValueError(f"engine.backend {backend!r} is not available; allowed: torch")
+        return BuiltEngine(TorchEngine(ckpt, precision, device, threads, compile=compile), backend, reason)
+
+    from pipeline.engines.cache import CacheKey, EngineCache
+    from pipeline.engines.onnx_engine import onnx_bytes
+
+    cache = EngineCache(cache_uri)
+    model_id = ckpt.model_id
+    onnx_key = CacheKey(model_id, "onnx", _version("torch"), precision, 0, "any")
+    onnx = cache.get_or_build(onnx_key, lambda: onnx_bytes(ckpt, precision))
+    if backend == "onnx":
+        from pipeline.engines.onnx_engine import OnnxEngine
+
+        engine = OnnxEngine(ckpt, precision, device, threads, model_bytes=onnx.data)
+        return BuiltEngine(engine, backend, reason, f"onnx graph: {onnx.status}")
+    if backend == "tensorrt":
+        from pipeline.engines.tensorrt_engine import (
+            TensorRTEngine,
+            build_engine_bytes,
+            tensorrt_available,
+        )
+
+        ok, version = tensorrt_available()
+        if not ok:
+            raise RuntimeError(f"engine.backend tensorrt is not usable here: {version}; use backend auto or torch")
+        cc = gpu_capability()
+        key = CacheKey(model_id, "tensorrt", version, precision, max_batch, cc or "none")
+        plan = cache.get_or_build(key, lambda: build_engine_bytes(onnx.data, max_batch)[0])
+        engine = TensorRTEngine(ckpt, plan.data, precision, max_batch)
+        return BuiltEngine(engine, backend, reason, f"onnx graph: {onnx.status}; plan: {plan.status}")
+    raise ValueError(f"engine.backend {backend!r} is not available; allowed: auto, torch, onnx, tensorrt")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

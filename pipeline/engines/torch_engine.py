@@ -1,14 +1,35 @@
-"""The PyTorch backend: CPU or CUDA, fp32 / bf16 / fp16."""
+"""The PyTorch backend: CPU or CUDA, fp32 / bf16 / fp16, optional torch.compile."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from pipeline.engines.base import EngineInfo, normalization_constants
 from pipeline.model.checkpoints import Checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UInt8ViT(nn.Module):
+    """uint8 (B, S, S, 3) -> (embeddings, logits): normalization is part of the model.
+
+    The same module is what gets exported to ONNX (and so to TensorRT), so every
+    backend takes 1 byte per pixel from the host.
+    """
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.vit = ckpt.build().to(dtype)
+        scale, shift = normalization_constants(ckpt)
+        self.register_buffer("scale", torch.from_numpy(scale).to(dtype))  # (1, 3, 1, 1)
+        self.register_buffer("shift", torch.from_numpy(shift).to(dtype))  # (1, 3, 1, 1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).to(self.scale.dtype) * self.scale + self.shift  # (B, 3, S, S)
+        emb, logits = self.vit(x)  # (B, D), (B, C)
+        return emb.float(), logits.float()
 
 
 def resolve_device(device: str) -> str:
@@ -20,19 +41,18 @@ def resolve_device(device: str) -> str:
 
 
 class TorchEngine:
-    def __init__(self, ckpt: Checkpoint, precision: str = "fp32", device: str = "auto", threads: int = 1):
+    def __init__(self, ckpt: Checkpoint, precision: str = "fp32", device: str = "auto", threads: int = 1,
+                 compile: bool = False):
         device = resolve_device(device)
         if precision == "fp16" and device == "cpu":
             raise ValueError("engine.precision fp16 needs a CUDA GPU; on CPU use fp32 or bf16")
         if device == "cpu":
             # Ray sets OMP threads to the actor's CPU share; make torch agree explicitly.
             torch.set_num_threads(max(1, threads))
-        self.dtype = DTYPES[precision]
         self.device = torch.device(device)
-        self.model = ckpt.build().to(self.device, self.dtype)
-        scale, shift = normalization_constants(ckpt)
-        self.scale = torch.from_numpy(scale).to(self.device, self.dtype)
-        self.shift = torch.from_numpy(shift).to(self.device, self.dtype)
+        self.model = UInt8ViT(ckpt, DTYPES[precision]).to(self.device).eval()
+        if compile:
+            self.model = torch.compile(self.model, dynamic=True)
         self.embed_dim = ckpt.config.dim
         self.num_classes = ckpt.config.num_classes
         self.info = EngineInfo("torch", str(self.device), precision, torch.get_num_threads(), torch.__version__)
@@ -42,6 +62,5 @@ class TorchEngine:
         x = torch.from_numpy(np.ascontiguousarray(images))  # (B, S, S, 3) uint8
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).to(self.dtype) * self.scale + self.shift  # (B, 3, S, S)
-        emb, logits = self.model(x)  # (B, D), (B, C)
-        return emb.float().cpu().numpy(), logits.float().cpu().numpy()
+        emb, logits = self.model(x)  # (B, D), (B, C) float32
+        return emb.cpu().numpy(), logits.cpu().numpy()

@@ -88,7 +88,9 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint(uri: str | None, arch: str | None = None, pooling: str | None = None,
-                    image_size: int | None = None, num_classes: int | None = None) -> Checkpoint:
+                    image_size: int | None = None, num_classes: int | None = None,
+                    mean: tuple | None = None, std: tuple | None = None,
+                    labels: list[str] | None = None, heads: int | None = None) -> Checkpoint:
     """Read any supported checkpoint; job-spec fields override what the checkpoint says."""
     if uri is None:
         if arch is None:
@@ -101,11 +103,27 @@ def load_checkpoint(uri: str | None, arch: str | None = None, pooling: str | Non
         fs, path = fsspec.core.url_to_fs(uri)
         if fs.isdir(path):
             ckpt = _from_hf_dir(fs, path, uri)
+        elif path.endswith(".npz"):
+            sd, npz_heads = convert_jax_npz(fs.cat_file(path), uri)
+            ckpt = from_state_dict(sd, uri, arch, heads=heads or npz_heads, resize="squash")
         elif path.endswith(".safetensors"):
-            ckpt = _from_ours(fs.cat_file(path), uri)
+            data = fs.cat_file(path)
+            if "vitpipe.config" in _safetensors_metadata(data):
+                ckpt = _from_ours(data, uri)
+            else:  # a timm state dict saved as safetensors
+                ckpt = from_state_dict(convert_timm_state_dict(load_safetensors_bytes(data)), uri, arch, heads)
+        elif path.endswith((".pth", ".pt", ".bin")):
+            sd = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
+            sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
+            ckpt = from_state_dict(convert_timm_state_dict(sd), uri, arch, heads)
         else:
-            raise CheckpointError(f"{uri}: unknown checkpoint format; expected a vitpipe .safetensors file "
-                                  "or a Hugging Face ViT directory (config.json + weights)")
+            raise CheckpointError(f"{uri}: unknown checkpoint format; expected a vitpipe or timm .safetensors, "
+                                  "a timm .pth/.bin, a JAX .npz, or a Hugging Face ViT directory")
+    if mean is not None or std is not None:
+        ckpt.preprocess = replace(ckpt.preprocess, mean=tuple(mean or ckpt.preprocess.mean),
+                                  std=tuple(std or ckpt.preprocess.std))
+    if labels:
+        ckpt.labels = list(labels)
     if pooling and pooling != ckpt.config.pooling:
         ckpt.config = replace(ckpt.config, pooling=pooling)
     if image_size and image_size != ckpt.preprocess.image_size:
@@ -259,3 +277,86 @@ def _read_hf_weights(fs: Any, path: str, source: str) -> dict[str, torch.Tensor]
     if fs.exists(f"{base}/pytorch_model.bin"):
         return torch.load(io.BytesIO(fs.cat_file(f"{base}/pytorch_model.bin")), map_location="cpu", weights_only=True)
     raise CheckpointError(f"{source}: no model.safetensors or pytorch_model.bin in the directory")
+
+
+# --- timm and the original JAX checkpoints -----------------------------------------------------
+
+def from_state_dict(sd: dict[str, torch.Tensor], source: str, arch: str | None, heads: int | None = None,
+                    resize: str = "crop") -> Checkpoint:
+    """A state dict in our names (timm's) without a config: sizes come from the shapes.
+
+    The head count is not in the weights: `heads`, else the arch's, else dim / 64 (true of
+    every timm and JAX ViT but ViT-H/14, which has 16 heads of 80).
+    """
+    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+        first = next(iter(sd), None)
+        raise CheckpointError(f"{source}: not a ViT state dict (no cls_token / patch_embed.proj.weight; "
+                              f"first key {first!r})")
+    dim, in_chans, patch, _ = sd["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
+    mlp_dim = sd["blocks.0.mlp.fc1.weight"].shape[0]
+    num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    heads = heads or (config_for_arch(arch).heads if arch else max(1, dim // 64))
+    pooling = "gap" if "fc_norm.weight" in sd else "cls"
+    if pooling == "gap":  # timm avg-pool models: no norm on the tokens, fc_norm after pooling
+        sd = dict(sd)
+        sd["norm.weight"], sd["norm.bias"] = sd.pop("fc_norm.weight"), sd.pop("fc_norm.bias")
+    cfg = ViTConfig(image_size=grid * patch, patch_size=patch, in_chans=in_chans, dim=dim, depth=depth, heads=heads,
+                    mlp_dim=mlp_dim, num_classes=num_classes, pooling=pooling, fc_norm=pooling == "gap")
+    pre = Preprocess(image_size=cfg.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=resize)
+    return Checkpoint(cfg, sd, pre, [f"class_{i}" for i in range(num_classes)], source)
+
+
+def convert_timm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's VisionTransformer names are ours (by design); drop what we do not use."""
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("module.")
+        if k.startswith("head.fc."):  # newer timm heads
+            k = k.replace("head.fc.", "head.")
+        if k in ("norm.weight", "norm.bias") and "fc_norm.weight" in sd and sd[k].numel() == 0:
+            continue
+        out[k] = v
+    return out
+
+
+def convert_jax_npz(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], int]:
+    """google-research/vision_transformer .npz (Flax names, HWIO / (in, out) kernels) -> (state dict, heads)."""
+    import numpy as np
+
+    z = np.load(io.BytesIO(data), allow_pickle=False)
+    if "pre_logits/kernel" in z:
+        raise CheckpointError(f"{source}: has a pre_logits (representation) layer, as ImageNet-21k "
+                              "pre-training checkpoints do; use a fine-tuned checkpoint without it")
+    t = lambda name: torch.from_numpy(np.ascontiguousarray(z[name]))  # noqa: E731
+    dim = z["cls"].shape[-1]
+    sd = {
+        "cls_token": t("cls").reshape(1, 1, dim),
+        "pos_embed": t("Transformer/posembed_input/pos_embedding"),
+        "patch_embed.proj.weight": t("embedding/kernel").permute(3, 2, 0, 1),  # HWIO -> OIHW
+        "patch_embed.proj.bias": t("embedding/bias"),
+        "norm.weight": t("Transformer/encoder_norm/scale"),
+        "norm.bias": t("Transformer/encoder_norm/bias"),
+    }
+    if "head/kernel" in z and z["head/kernel"].size:
+        sd["head.weight"], sd["head.bias"] = t("head/kernel").T, t("head/bias")
+    i = 0
+    while f"Transformer/encoderblock_{i}/LayerNorm_0/scale" in z:
+        b, o = f"Transformer/encoderblock_{i}", f"blocks.{i}"
+        att = f"{b}/MultiHeadDotProductAttention_1"
+        sd[f"{o}.norm1.weight"], sd[f"{o}.norm1.bias"] = t(f"{b}/LayerNorm_0/scale"), t(f"{b}/LayerNorm_0/bias")
+        sd[f"{o}.norm2.weight"], sd[f"{o}.norm2.bias"] = t(f"{b}/LayerNorm_2/scale"), t(f"{b}/LayerNorm_2/bias")
+        # query/key/value kernels are (D, heads, D/heads): flatten the heads, then (in, out) -> (out, in).
+        sd[f"{o}.attn.qkv.weight"] = torch.cat([t(f"{att}/{n}/kernel").reshape(dim, dim).T
+                                                for n in ("query", "key", "value")])
+        sd[f"{o}.attn.qkv.bias"] = torch.cat([t(f"{att}/{n}/bias").reshape(dim) for n in ("query", "key", "value")])
+        sd[f"{o}.attn.proj.weight"] = t(f"{att}/out/kernel").reshape(dim, dim).T  # (heads, D/h, D) -> (D, D)
+        sd[f"{o}.attn.proj.bias"] = t(f"{att}/out/bias")
+        sd[f"{o}.mlp.fc1.weight"], sd[f"{o}.mlp.fc1.bias"] = t(f"{b}/MlpBlock_3/Dense_0/kernel").T, t(f"{b}/MlpBlock_3/Dense_0/bias")
+        sd[f"{o}.mlp.fc2.weight"], sd[f"{o}.mlp.fc2.bias"] = t(f"{b}/MlpBlock_3/Dense_1/kernel").T, t(f"{b}/MlpBlock_3/Dense_1/bias")
+        i += 1
+    if i == 0:
+        raise CheckpointError(f"{source}: no Transformer/encoderblock_0 in the .npz; is it a ViT checkpoint?")
+    heads = z["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape[1]
+    return sd, int(heads)

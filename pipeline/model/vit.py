@@ -31,6 +31,8 @@ class ViTConfig:
     qkv_bias: bool = True
     # timm and the JAX originals use 1e-6; Hugging Face ViT uses 1e-12.
     layer_norm_eps: float = 1e-6
+    # timm's avg-pool models normalize after pooling (its `fc_norm`); the paper's GAP before.
+    fc_norm: bool = False
 
     @property
     def grid(self) -> int:
@@ -136,7 +138,7 @@ class ViT(nn.Module):
         self.apply(_init_weights)
 
     def forward_features(self, x: torch.Tensor, return_attn: bool = False):
-        """Normalized pixels (B, 3, H, W) -> final-norm tokens (B, 1+N, D) [+ attention maps]."""
+        """Normalized pixels (B, 3, H, W) -> final tokens (B, 1+N, D) [+ attention maps]."""
         x = self.patch_embed(x)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)  # (B, 1+N, D)
@@ -145,12 +147,16 @@ class ViT(nn.Module):
         for block in self.blocks:
             x, attn = block(x, return_attn)
             maps.append(attn)
-        x = self.norm(x)
+        if not self.cfg.fc_norm:
+            x = self.norm(x)
         return (x, maps) if return_attn else x
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1+N, D) -> (B, D): the class token, or the mean of the patch tokens."""
-        return tokens[:, 0] if self.cfg.pooling == "cls" else tokens[:, 1:].mean(dim=1)
+        if self.cfg.pooling == "cls":
+            return tokens[:, 0]
+        pooled = tokens[:, 1:].mean(dim=1)
+        return self.norm(pooled) if self.cfg.fc_norm else pooled
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized pixels (B, 3, H, W) -> (embedding (B, D), logits (B, C))."""

@@ -1,0 +1,418 @@
+"""Side-by-side throughput on one machine, in one run: the numbers users choose a tool by.
+
+  (a) engine   the engine alone on in-memory uint8 batches: the ceiling
+  (b) vitpipe  end to end: JPEG tar shards in S3 (SeaweedFS on loopback) -> Parquet in S3
+  (c) recipe   the plain Ray Data recipe of Ray's batch-inference docs: read_webdataset,
+               PIL decode + float32 normalize in map_batches, a model class in map_batches
+               (one CPU per actor, Ray's default), write_parquet
+  (d) loader   a hand-written single-process PyTorch DataLoader script with workers
+
+Same model weights, precision and images for all. Reports images/s, ratios b/a, b/c, b/d,
+peak RSS of the process tree, time to first output row, CPU utilization, output files.
+Timings never go into pass/fail tests; the smoke test only checks that a table came out.
+
+    python -m benchmarks.bench --images 2000 --models vit_ti_16 --precisions fp32,bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+BUCKET = "vitpipe-bench"
+
+
+@dataclass
+class Result:
+    approach: str
+    model: str
+    precision: str
+    images: int
+    seconds: float
+    images_per_s: float
+    peak_rss_mb: float
+    cpu_util: float
+    first_row_s: float | None
+    files: int | None = None
+    file_mb: float | None = None
+    note: str = ""
+
+
+class Monitor:
+    """Samples memory (PSS) of this process and all its descendants (Ray workers too), and CPU use."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.proc = psutil.Process()
+
+    def __enter__(self) -> Monitor:
+        psutil.cpu_percent()
+        self.t0 = time.time()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = 0
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+            except psutil.Error:
+                procs = [self.proc]
+            for p in procs:
+                # PSS: shared pages (Ray's object store, torch libs) counted once across processes.
+                with contextlib.suppress(psutil.Error):
+                    rss += p.memory_full_info().pss
+            self.peak = max(self.peak, rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join()
+        self.seconds = time.time() - self.t0
+        self.cpu = psutil.cpu_percent() / 100.0
+
+
+class FirstFile:
+    """Time until the first output file shows up under a prefix (for writers we cannot hook)."""
+
+    def __init__(self, fs, prefix: str):
+        self.fs, self.prefix, self.t0, self.at = fs, prefix, time.time(), None
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.at is None:
+            try:
+                self.fs.invalidate_cache()
+                if any(p.endswith(".parquet") for p in self.fs.find(self.prefix)):
+                    self.at = time.time() - self.t0
+            except OSError:
+                pass
+            self._stop.wait(0.25)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        return None if self.at is None else round(self.at, 2)
+
+
+# --- input -----------------------------------------------------------------------------------------
+
+def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """Photo-like JPEGs of mixed sizes, 200 to 2,000 px on the long side (smooth, so realistically sized)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        long = int(rng.integers(200, 2001))
+        short = int(long * rng.uniform(0.6, 1.0))
+        w, h = (long, short) if rng.random() < 0.5 else (short, long)
+        small = rng.integers(0, 255, (max(2, h // 64), max(2, w // 64), 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def write_input(fs, jpegs: list[bytes], per_shard: int = 100) -> str:
+    prefix = f"{BUCKET}/input/n{len(jpegs)}"
+    if fs.exists(prefix) and len(fs.find(prefix)) == -(-len(jpegs) // per_shard):
+        return f"s3://{prefix}/"
+    for s in range(0, len(jpegs), per_shard):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(s, min(s + per_shard, len(jpegs))):
+                info = tarfile.TarInfo(f"img{i:07d}.jpg")
+                info.size = len(jpegs[i])
+                tar.addfile(info, io.BytesIO(jpegs[i]))
+        fs.pipe(f"{prefix}/shard-{s // per_shard:05d}.tar", buf.getvalue())
+    return f"s3://{prefix}/"
+
+
+def output_files(fs, prefix: str) -> tuple[int, float]:
+    fs.invalidate_cache()
+    files = [p for p in fs.find(prefix) if p.endswith(".parquet") and "/errors/" not in p]
+    sizes = [fs.info(p)["size"] for p in files]
+    return len(files), round(sum(sizes) / max(1, len(sizes)) / 1e6, 3)
+
+
+# --- (a) the engine alone --------------------------------------------------------------------------
+
+def bench_engine(ckpt, precision: str, threads: int, batch: int, seconds: float = 10.0) -> Result:
+    from pipeline.engines.torch_engine import TorchEngine
+
+    S = ckpt.preprocess.image_size
+    x = np.random.default_rng(0).integers(0, 255, (batch, S, S, 3), dtype=np.uint8)  # (B, S, S, 3)
+    with Monitor() as mon:
+        engine = TorchEngine(ckpt, precision, "cpu", threads)
+        engine.run(x[:2])
+        t0, n = time.time(), 0
+        while time.time() - t0 < seconds:
+            engine.run(x)
+            n += batch
+        dt = time.time() - t0
+    return Result("a engine", ckpt.source.removeprefix("random:"), precision, n, round(dt, 2), round(n / dt, 2), mon.peak / 1e6,
+                  round(mon.cpu, 2), None, note=f"{threads} threads, batch {batch}")
+
+
+# --- (b) vitpipe ------------------------------------------------------------------------------------
+
+def bench_vitpipe(fs, src: str, arch: str, precision: str, batch: int, tag: str) -> Result:
+    from pipeline.config import JobSpec
+    from pipeline.runner import run_job
+
+    out = f"s3://{BUCKET}/out/vitpipe-{tag}"
+    spec = JobSpec.model_validate({
+        "name": f"bench-{tag}", "source": {"uri": src},
+        "model": {"checkpoint": None, "arch": arch},
+        "engine": {"precision": precision, "batch_size": batch},
+        "outputs": {"top_k": 5}, "output": {"uri": out, "mode": "full"}, "ray": {"progress": False},
+    })
+    with Monitor() as mon:
+        report = run_job(spec)
+    files, mb = output_files(fs, out.removeprefix("s3://"))
+    return Result("b vitpipe", arch, precision, report.records_read, round(mon.seconds, 2),
+                  round(report.records_read / mon.seconds, 2), mon.peak / 1e6, round(mon.cpu, 2),
+                  report.time_to_first_row_s, files, mb,
+                  note=f"{report.actors} actor(s) x {report.threads_per_actor} threads, {report.error_rows} errors")
+
+
+# --- (c) the plain Ray Data recipe --------------------------------------------------------------------
+
+class RecipeModel:
+    """As in Ray's batch-inference docs: load the model in __init__, run it in __call__."""
+
+    def __init__(self, arch: str, precision: str, use_engine: bool):
+        import torch
+
+        from pipeline.model.checkpoints import random_checkpoint
+
+        self.ckpt = random_checkpoint(arch)
+        self.use_engine = use_engine
+        if use_engine:
+            from pipeline.engines.torch_engine import TorchEngine
+
+            self.engine = TorchEngine(self.ckpt, precision, "cpu", threads=torch.get_num_threads())
+        else:
+            self.model = self.ckpt.build()
+            self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+            self.model.to(self.dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        if self.use_engine:
+            emb, logits = self.engine.run(batch["image"])
+        else:
+            with torch.inference_mode():
+                x = torch.from_numpy(batch["image"]).to(self.dtype)  # (B, 3, S, S) float32 from the decode step
+                emb, logits = (t.float().numpy() for t in self.model(x))
+        top = np.argsort(-logits, axis=1)[:, :5]
+        return {"key": batch["__key__"], "embedding": emb, "topk_ids": top}
+
+
+def recipe_decode(batch: dict, size: int = 224, uint8: bool = False) -> dict:
+    """torchvision-style Resize(256) + CenterCrop(224) + ToTensor + Normalize, in PIL + numpy."""
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+    out = []
+    for data in batch["jpg"]:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        w, h = img.size
+        s = 256 / min(w, h)
+        img = img.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        a = np.asarray(img.crop((left, top, left + size, top + size)))
+        out.append(a if uint8 else (a.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std)
+    return {"__key__": batch["__key__"], "image": np.stack(out)}
+
+
+def bench_recipe(fs, src: str, arch: str, precision: str, batch: int, tag: str, use_engine: bool) -> Result:
+    import pyarrow.fs as pafs
+    import ray
+
+    out = f"{BUCKET}/out/recipe-{tag}"
+    if fs.exists(out):
+        fs.rm(out, recursive=True)
+    with Monitor() as mon:
+        first = FirstFile(fs, out)
+        ds = ray.data.read_webdataset(src, decoder=None)  # raw bytes; decoded with PIL below
+        ds = ds.map_batches(recipe_decode, batch_size=batch, fn_kwargs={"uint8": use_engine})
+        ds = ds.map_batches(RecipeModel, batch_size=batch, fn_constructor_kwargs={
+            "arch": arch, "precision": precision, "use_engine": use_engine}, compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=1)
+        ds.write_parquet(out, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))  # the same s3fs client
+        first_s = first.stop()
+    files, mb = output_files(fs, out)
+    n = sum(pq_rows(fs, p) for p in fs.find(out) if p.endswith(".parquet"))
+    what = "our engine, uint8" if use_engine else "plain torch model, float32 transport"
+    return Result("c2 recipe+engine" if use_engine else "c ray recipe", arch, precision, n, round(mon.seconds, 2), round(n / mon.seconds, 2),
+                  mon.peak / 1e6, round(mon.cpu, 2), first_s, files, mb, note=f"{what}, 1 actor x 1 CPU")
+
+
+def pq_rows(fs, path: str) -> int:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+# --- (d) a hand-written DataLoader script -------------------------------------------------------------
+
+class TarImages(torch.utils.data.IterableDataset):
+    """An IterableDataset over tar shards, split across workers, as a user would write it."""
+
+    def __init__(self, shards: list[str]):
+        super().__init__()
+        self.shards = shards
+
+    def __iter__(self):
+        import fsspec
+
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards[info.id :: info.num_workers] if info else self.shards
+        for uri in mine:
+            with fsspec.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for m in tar:
+                    if m.isfile():
+                        data = tar.extractfile(m).read()
+                        yield m.name, recipe_decode({"jpg": [data], "__key__": [m.name]})["image"][0]
+
+
+def bench_dataloader(fs, src: str, ckpt, precision: str, batch: int, tag: str) -> Result:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    shards = ["s3://" + p for p in sorted(fs.find(src.removeprefix("s3://"))) if p.endswith(".tar")]
+    out = f"{BUCKET}/out/loader-{tag}"
+    with Monitor() as mon:
+        t0 = time.time()
+        loader = torch.utils.data.DataLoader(TarImages(shards), batch_size=batch, num_workers=2,
+                                             persistent_workers=False)
+        torch.set_num_threads(2)
+        model = ckpt.build().to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+        keys, embs, first = [], [], None
+        with torch.inference_mode():
+            for names, x in loader:
+                emb, _ = model(x.to(next(model.parameters()).dtype))
+                keys += list(names)
+                embs.append(emb.float().numpy())
+                first = first or time.time() - t0
+        emb = np.concatenate(embs)
+        table = pa.table({"key": keys, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)),
+                                                                                       emb.shape[1])})
+        with fs.open(f"{out}/part-0.parquet", "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+    files, mb = output_files(fs, out)
+    return Result("d dataloader", ckpt.source.removeprefix("random:"), precision, len(keys), round(mon.seconds, 2),
+                  round(len(keys) / mon.seconds, 2), mon.peak / 1e6, round(mon.cpu, 2), round(first, 2), files, mb,
+                  note="2 workers, model on 2 threads in the main process")
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+def markdown(results: list[Result], meta: dict) -> str:
+    lines = [f"# vitpipe benchmark: {meta['when']}", "",
+             f"Machine: {meta['machine']}; images: {meta['images']} JPEGs, 200-2,000 px, in tar shards on "
+             "SeaweedFS S3 (loopback); batch size {batch}.".format(batch=meta["batch"]), "",
+             "| approach | model | precision | images | s | images/s | vs engine (b/a) | vitpipe / this | "
+             "peak RSS MB | CPU util | first row s | files | MB/file | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        a = next((x for x in results if x.approach == "a engine" and (x.model, x.precision) == (r.model, r.precision)),
+                 None)
+        b = next((x for x in results if x.approach == "b vitpipe" and (x.model, x.precision) == (r.model, r.precision)),
+                 None)
+        ratio_a = f"{r.images_per_s / a.images_per_s:.2f}" if a else ""
+        ratio_b = f"{b.images_per_s / r.images_per_s:.2f}" if b and r.approach != "b vitpipe" else ""
+        lines.append(f"| {r.approach} | {r.model} | {r.precision} | {r.images} | {r.seconds} | {r.images_per_s} | "
+                     f"{ratio_a} | {ratio_b} | {r.peak_rss_mb:.0f} | {r.cpu_util} | {r.first_row_s or ''} | "
+                     f"{r.files or ''} | {r.file_mb or ''} | {r.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=2000, help="how many images [2000]")
+    p.add_argument("--models", default="vit_ti_16", help="comma-separated archs [vit_ti_16]")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated [fp32,bf16]")
+    p.add_argument("--batch", type=int, default=32, help="batch size for every approach [32]")
+    p.add_argument("--only", default="a,b,c,d", help="which approaches to run [a,b,c,d]")
+    p.add_argument("--out", default="benchmarks/results", help="where the JSON and Markdown go")
+    p.add_argument("--name", default="bench", help="file name stem of the results")
+    p.add_argument("--engine-seconds", type=float, default=10.0, help="how long (a) runs [10]")
+    p.add_argument("--s3", choices=["local", "env"], default="local",
+                   help="local: start SeaweedFS on 127.0.0.1 [default]; env: use the S3 that AWS_ENDPOINT_URL names")
+    args = p.parse_args(argv)
+
+    import ray
+    import s3fs
+
+    from pipeline.model.checkpoints import random_checkpoint
+    from pipeline.s3local import environ, start_seaweedfs
+
+    only = set(args.only.split(","))
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="vitpipe-bench-") as tmp:
+        server = start_seaweedfs(Path(tmp) / "s3") if args.s3 == "local" else None
+        try:
+            with environ(server.env if server else {}):
+                fs = s3fs.S3FileSystem(skip_instance_cache=True)
+                if not fs.exists(BUCKET):
+                    fs.mkdir(BUCKET)
+                t = time.time()
+                src = write_input(fs, make_jpegs(args.images))
+                print(f"input: {args.images} JPEGs in {src} ({time.time() - t:.0f} s to make)", flush=True)
+                ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                         logging_level="WARNING")
+                ctx = ray.data.DataContext.get_current()
+                ctx.enable_progress_bars = False
+                for arch in args.models.split(","):
+                    ckpt = random_checkpoint(arch)
+                    for prec in args.precisions.split(","):
+                        tag = f"{arch}-{prec}"
+                        steps = [("a", bench_engine, (ckpt, prec, os.cpu_count() or 1, args.batch, args.engine_seconds)),
+                                 ("b", bench_vitpipe, (fs, src, arch, prec, args.batch, tag)),
+                                 ("c", bench_recipe, (fs, src, arch, prec, args.batch, tag, False)),
+                                 ("c", bench_recipe, (fs, src, arch, prec, args.batch, tag + "-eng", True)),
+                                 ("d", bench_dataloader, (fs, src, ckpt, prec, args.batch, tag))]
+                        for key, fn, fn_args in steps:
+                            if key in only:
+                                r = fn(*fn_args)
+                                results.append(r)
+                                print(json.dumps(asdict(r)), flush=True)
+                ray.shutdown()
+        finally:
+            if server:
+                server.stop()
+    meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "images": args.images, "batch": args.batch,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.processor() or 'cpu'}"}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+    table = markdown(results, meta)
+    (out / f"{args.name}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

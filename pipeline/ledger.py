@@ -1,0 +1,136 @@
+"""Which shards are done, and who may write the output now: the bookkeeping behind
+incremental nightly runs, resume after a crash, and "never two runs at once".
+
+One small JSON object per shard under OUT/_ledger/ (no read-modify-write of a shared
+file, so concurrent writes of different shards never clash):
+
+    {"uri", "etag", "size", "model_id", "records", "ok", "errors", "skipped",
+     "files": [...], "run_id", "state": "pending" | "committed"}
+
+"pending": the shard's rows are complete in files under OUT/_pending/RUN/, written by
+a run that has not committed yet (or died). A later run adopts them instead of redoing
+the shard. "committed": its files sit in OUT/ and the manifest lists them.
+
+The lease, OUT/_lease.json, is created with a conditional write (If-None-Match: * on
+S3, O_EXCL on disk); the holder renews it; a lease past its expiry belongs to a dead
+run and may be taken over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from pipeline.storage import put_if_absent
+
+
+def shard_key(uri: str) -> str:
+    return hashlib.sha1(uri.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ShardEntry:
+    uri: str
+    etag: str
+    size: int
+    model_id: str
+    run_id: str
+    state: str  # "pending" | "committed"
+    records: int = 0
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0
+    files: list[dict] = field(default_factory=list)  # {"path", "kind", "rows", "bytes", "sha256"}
+    finished_at: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return shard_key(self.uri)
+
+    def matches(self, etag: str, model_id: str) -> bool:
+        return self.etag == etag and self.model_id == model_id
+
+
+class Ledger:
+    def __init__(self, fs, root: str):
+        self.fs, self.dir = fs, f"{root.rstrip('/')}/_ledger"
+
+    def entries(self) -> dict[str, ShardEntry]:
+        self.fs.invalidate_cache()
+        out = {}
+        for path in self.fs.glob(f"{self.dir}/*.json"):
+            try:
+                e = ShardEntry(**json.loads(self.fs.cat_file(path)))
+            except (OSError, ValueError, TypeError):
+                continue  # a torn write: the shard is simply redone
+            out[e.key] = e
+        return out
+
+    def put(self, entry: ShardEntry) -> None:
+        self.fs.makedirs(self.dir, exist_ok=True)  # local disks need the folder; a no-op on object stores
+        self.fs.pipe_file(f"{self.dir}/{entry.key}.json", json.dumps(asdict(entry), indent=1).encode())
+
+    def delete(self, key: str) -> None:
+        path = f"{self.dir}/{key}.json"
+        if self.fs.exists(path):
+            self.fs.rm_file(path)
+
+
+class LeaseHeld(RuntimeError):
+    """Another run holds the output's lease: this one exits before doing any work."""
+
+
+class Lease:
+    """Exclusive right to write one output, renewed by a background thread while the run lives."""
+
+    def __init__(self, fs, root: str, run_id: str, ttl_s: float = 120.0):
+        self.fs, self.path, self.run_id, self.ttl = fs, f"{root.rstrip('/')}/_lease.json", run_id, ttl_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                           "expires_at": time.time() + self.ttl}).encode()
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path))
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> None:
+        self.fs.invalidate_cache()
+        if not put_if_absent(self.fs, self.path, self._body()):
+            held = self.holder() or {}
+            if held.get("expires_at", 0) > time.time():
+                raise LeaseHeld(
+                    f"output is being written by run {held.get('run_id')} (host {held.get('host')}, pid "
+                    f"{held.get('pid')}) until at least {time.strftime('%H:%M:%S', time.localtime(held['expires_at']))}; "
+                    "two runs of one job never write at once. Wait for it, or if it died, rerun after the lease "
+                    "expires")
+            # The holder died without releasing: take over, then make sure we won the race.
+            self.fs.rm_file(self.path)
+            if not put_if_absent(self.fs, self.path, self._body()):
+                raise LeaseHeld("another run took over the expired lease at the same moment; try again")
+        time.sleep(0.05)
+        if (self.holder() or {}).get("run_id") != self.run_id:
+            raise LeaseHeld("another run took over the lease at the same moment; try again")
+        self._thread = threading.Thread(target=self._renew, daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            if (self.holder() or {}).get("run_id") == self.run_id:
+                self.fs.pipe_file(self.path, self._body())
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+        if (self.holder() or {}).get("run_id") == self.run_id:
+            self.fs.rm_file(self.path)

@@ -1,0 +1,51 @@
+"""Small object-storage primitives shared by the engine cache and the output lease.
+
+First-writer-wins needs a conditional create: S3 `PutObject` with `If-None-Match: *`
+(s3fs `mode="create"`; SeaweedFS and AWS honor it), or O_EXCL on a local disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+
+import fsspec
+
+
+def put_if_absent(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create `path` with `data` only if it does not exist; True if this call created it."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "s3" in protocols or "s3a" in protocols:
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if _precondition_failed(e):
+                return False
+            raise
+    if "file" in protocols or "local" in protocols:
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+    # Other filesystems: best effort (check, then write); documented as racy.
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return True
+
+
+def _precondition_failed(e: OSError) -> bool:
+    """s3fs wraps S3's 412 PreconditionFailed in an OSError; look at the cause, then the text."""
+    cause = getattr(e, "__cause__", None)
+    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
+    return code in ("PreconditionFailed", "412") or "pre-condition" in str(e).lower() or "412" in str(e)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

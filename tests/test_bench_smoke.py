@@ -1,0 +1,25 @@
+"""The benchmark runs end to end and writes its table; never a speed assertion (timings live in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.heavy
+
+
+def test_benchmark_produces_its_table(s3_server, tmp_path):
+    env = os.environ | s3_server
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--images", "24", "--precisions", "fp32",
+                        "--engine-seconds", "1", "--s3", "env", "--out", str(tmp_path), "--name", "smoke"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (tmp_path / "smoke.md").read_text()
+    for approach in ("a engine", "b vitpipe", "c ray recipe", "c2 recipe+engine", "d dataloader"):
+        assert f"| {approach} |" in table
+    results = json.loads((tmp_path / "smoke.json").read_text())["results"]
+    assert {r["images"] for r in results if r["approach"] != "a engine"} == {24}

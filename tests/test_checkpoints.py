@@ -1,0 +1,175 @@
+"""Checkpoint formats against an oracle that is not our code: transformers' ViT on the same weights.
+
+The timm and JAX fixtures are written here from the transformers weights, following the
+published layouts (not our converter):
+- timm VisionTransformer state dict: cls_token (1,1,D), pos_embed (1,1+N,D),
+  patch_embed.proj.{weight,bias}, blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*,
+  norm.*, head.* (timm.models.vision_transformer);
+- google-research/vision_transformer .npz: embedding/kernel (P,P,C,D) HWIO, cls (1,1,D),
+  Transformer/posembed_input/pos_embedding, Transformer/encoderblock_i/{LayerNorm_0,LayerNorm_2}/
+  {scale,bias}, .../MultiHeadDotProductAttention_1/{query,key,value}/kernel (D,heads,D/heads) and
+  bias (heads,D/heads), .../out/kernel (heads,D/heads,D), .../MlpBlock_3/Dense_{0,1}/{kernel,bias}
+  with (in,out) kernels, Transformer/encoder_norm/*, head/{kernel,bias}.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.model.checkpoints import CheckpointError, load_checkpoint
+
+transformers = pytest.importorskip("transformers")
+D, HEADS, LAYERS, P, SIZE, CLASSES = 64, 4, 3, 8, 48, 5
+
+
+@pytest.fixture(scope="module")
+def hf():
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                 intermediate_size=4 * D, image_size=SIZE, patch_size=P, num_labels=CLASSES,
+                                 layer_norm_eps=1e-6)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _hf_weights(hf) -> dict[str, torch.Tensor]:
+    """Per-layer tensors by role, read from transformers' modules (its names differ across versions)."""
+    vit = hf.vit
+    layers = vit.encoder.layer if hasattr(vit, "encoder") else vit.layers
+    out = {"cls": vit.embeddings.cls_token, "pos": vit.embeddings.position_embeddings,
+           "conv_w": vit.embeddings.patch_embeddings.projection.weight,
+           "conv_b": vit.embeddings.patch_embeddings.projection.bias,
+           "norm_w": vit.layernorm.weight, "norm_b": vit.layernorm.bias,
+           "head_w": hf.classifier.weight, "head_b": hf.classifier.bias}
+    for i, layer in enumerate(layers):
+        att = layer.attention
+        q, k, v, o = ((att.attention.query, att.attention.key, att.attention.value, att.output.dense)
+                      if hasattr(att, "attention") else (att.q_proj, att.k_proj, att.v_proj, att.o_proj))
+        fc1, fc2 = ((layer.intermediate.dense, layer.output.dense) if hasattr(layer, "intermediate")
+                    else (layer.mlp.fc1, layer.mlp.fc2))
+        out.update({f"{i}.ln1_w": layer.layernorm_before.weight, f"{i}.ln1_b": layer.layernorm_before.bias,
+                    f"{i}.ln2_w": layer.layernorm_after.weight, f"{i}.ln2_b": layer.layernorm_after.bias,
+                    f"{i}.q": q, f"{i}.k": k, f"{i}.v": v, f"{i}.o": o, f"{i}.fc1": fc1, f"{i}.fc2": fc2})
+    return out
+
+
+def timm_state_dict(hf) -> dict[str, torch.Tensor]:
+    w = _hf_weights(hf)
+    sd = {"cls_token": w["cls"], "pos_embed": w["pos"], "patch_embed.proj.weight": w["conv_w"],
+          "patch_embed.proj.bias": w["conv_b"], "norm.weight": w["norm_w"], "norm.bias": w["norm_b"],
+          "head.weight": w["head_w"], "head.bias": w["head_b"]}
+    for i in range(LAYERS):
+        b = f"blocks.{i}"
+        sd |= {f"{b}.norm1.weight": w[f"{i}.ln1_w"], f"{b}.norm1.bias": w[f"{i}.ln1_b"],
+               f"{b}.norm2.weight": w[f"{i}.ln2_w"], f"{b}.norm2.bias": w[f"{i}.ln2_b"],
+               f"{b}.attn.qkv.weight": torch.cat([w[f"{i}.{n}"].weight for n in "qkv"]),
+               f"{b}.attn.qkv.bias": torch.cat([w[f"{i}.{n}"].bias for n in "qkv"]),
+               f"{b}.attn.proj.weight": w[f"{i}.o"].weight, f"{b}.attn.proj.bias": w[f"{i}.o"].bias,
+               f"{b}.mlp.fc1.weight": w[f"{i}.fc1"].weight, f"{b}.mlp.fc1.bias": w[f"{i}.fc1"].bias,
+               f"{b}.mlp.fc2.weight": w[f"{i}.fc2"].weight, f"{b}.mlp.fc2.bias": w[f"{i}.fc2"].bias}
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def jax_npz(hf) -> bytes:
+    w = {k: v.detach().numpy() for k, v in _hf_weights(hf).items() if not hasattr(v, "weight")}
+    mods = {k: v for k, v in _hf_weights(hf).items() if hasattr(v, "weight")}
+    arrays = {"cls": w["cls"], "Transformer/posembed_input/pos_embedding": w["pos"],
+              "embedding/kernel": w["conv_w"].transpose(2, 3, 1, 0), "embedding/bias": w["conv_b"],
+              "Transformer/encoder_norm/scale": w["norm_w"], "Transformer/encoder_norm/bias": w["norm_b"],
+              "head/kernel": w["head_w"].T, "head/bias": w["head_b"]}
+    hd = D // HEADS
+    for i in range(LAYERS):
+        b = f"Transformer/encoderblock_{i}"
+        att = f"{b}/MultiHeadDotProductAttention_1"
+        arrays |= {f"{b}/LayerNorm_0/scale": w[f"{i}.ln1_w"], f"{b}/LayerNorm_0/bias": w[f"{i}.ln1_b"],
+                   f"{b}/LayerNorm_2/scale": w[f"{i}.ln2_w"], f"{b}/LayerNorm_2/bias": w[f"{i}.ln2_b"]}
+        for name, n in (("query", "q"), ("key", "k"), ("value", "v")):
+            lin = mods[f"{i}.{n}"]
+            arrays[f"{att}/{name}/kernel"] = lin.weight.detach().numpy().T.reshape(D, HEADS, hd)
+            arrays[f"{att}/{name}/bias"] = lin.bias.detach().numpy().reshape(HEADS, hd)
+        o = mods[f"{i}.o"]
+        arrays[f"{att}/out/kernel"] = o.weight.detach().numpy().T.reshape(HEADS, hd, D)
+        arrays[f"{att}/out/bias"] = o.bias.detach().numpy()
+        for j, n in ((0, "fc1"), (1, "fc2")):
+            lin = mods[f"{i}.{n}"]
+            arrays[f"{b}/MlpBlock_3/Dense_{j}/kernel"] = lin.weight.detach().numpy().T
+            arrays[f"{b}/MlpBlock_3/Dense_{j}/bias"] = lin.bias.detach().numpy()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _assert_parity(ckpt, hf, size=SIZE):
+    ours = ckpt.build()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = hf(pixel_values=x, interpolate_pos_encoding=size != SIZE).logits
+        _, logits = ours(x)
+    assert (logits - ref).abs().max().item() < 1e-4
+
+
+def test_timm_safetensors_and_pth(tmp_path, hf):
+    sd = timm_state_dict(hf)
+    save_file(sd, str(tmp_path / "vit.safetensors"))
+    torch.save(sd, tmp_path / "vit.pth")
+    for name in ("vit.safetensors", "vit.pth"):
+        ckpt = load_checkpoint(str(tmp_path / name), heads=HEADS)
+        assert (ckpt.config.dim, ckpt.config.depth, ckpt.config.heads, ckpt.config.patch_size) == (D, LAYERS, HEADS, P)
+        _assert_parity(ckpt, hf)
+
+
+def test_timm_at_another_image_size_interpolates_positions(tmp_path, hf):
+    save_file(timm_state_dict(hf), str(tmp_path / "vit.safetensors"))
+    ckpt = load_checkpoint(str(tmp_path / "vit.safetensors"), image_size=64, heads=HEADS)  # 48 px: 6x6 -> 8x8
+    assert ckpt.preprocess.image_size == 64
+    _assert_parity(ckpt, hf, size=64)
+
+
+def test_jax_npz(tmp_path, hf):
+    (tmp_path / "ViT-test.npz").write_bytes(jax_npz(hf))
+    ckpt = load_checkpoint(str(tmp_path / "ViT-test.npz"))
+    assert ckpt.config.depth == LAYERS and ckpt.config.num_classes == CLASSES
+    assert ckpt.config.heads == HEADS  # read from the query kernel's shape
+    _assert_parity(ckpt, hf)
+
+
+def test_jax_npz_with_pre_logits_is_refused(tmp_path, hf):
+    z = dict(np.load(io.BytesIO(jax_npz(hf))))
+    z["pre_logits/kernel"] = np.zeros((D, D), np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, **z)
+    (tmp_path / "in21k.npz").write_bytes(buf.getvalue())
+    with pytest.raises(CheckpointError, match="pre_logits"):
+        load_checkpoint(str(tmp_path / "in21k.npz"))
+
+
+def test_hf_directory_with_preprocessor_config_and_interpolation(tmp_path, hf):
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(
+        '{"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "size": {"height": 48, "width": 48}}')
+    ckpt = load_checkpoint(str(tmp_path / "hf"), image_size=64)
+    assert ckpt.preprocess.mean == (0.1, 0.2, 0.3) and ckpt.preprocess.resize == "squash"
+    _assert_parity(ckpt, hf, size=64)
+
+
+def test_bad_key_is_named(tmp_path, hf):
+    sd = timm_state_dict(hf)
+    sd["blocks.1.mlp.fc1.weight"] = sd["blocks.1.mlp.fc1.weight"][:, :10].contiguous()
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.mlp\.fc1\.weight"):
+        load_checkpoint(str(tmp_path / "bad.safetensors"), heads=HEADS).build()
+
+
+def test_labels_and_normalization_overrides(hf, tmp_path):
+    save_file(timm_state_dict(hf), str(tmp_path / "vit.safetensors"))
+    ckpt = load_checkpoint(str(tmp_path / "vit.safetensors"), mean=(0.485, 0.456, 0.406), labels=list("abcde"),
+                           heads=HEADS)
+    assert ckpt.labels == list("abcde") and ckpt.preprocess.mean == (0.485, 0.456, 0.406)

@@ -1,0 +1,189 @@
+"""Engines: ONNX Runtime vs torch, the engine cache, the accuracy gate, TensorRT where it exists."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from pipeline.engines.base import build_engine, resolve_backend
+from pipeline.engines.cache import CacheKey, EngineCache
+from pipeline.engines.gate import compare
+from pipeline.engines.onnx_engine import OnnxEngine, onnx_bytes
+from pipeline.engines.tensorrt_engine import tensorrt_available
+from pipeline.engines.torch_engine import TorchEngine
+from pipeline.model.checkpoints import load_checkpoint, random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def small_ckpt():
+    # Non-default on purpose: patch 8 at 64 px, gap pooling, 10 classes.
+    return load_checkpoint(None, arch="vit_ti_8", image_size=64, num_classes=10, pooling="gap")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)  # (B, S, S, 3)
+
+
+def test_onnx_runtime_matches_torch_fp32(small_ckpt, images):
+    ref_emb, ref_logits = TorchEngine(small_ckpt, "fp32", "cpu", 1).run(images)
+    engine = OnnxEngine(small_ckpt, "fp32", "cpu", 1)
+    emb, logits = engine.run(images)
+    assert np.abs(logits - ref_logits).max() < 1e-4
+    assert np.abs(emb - ref_emb).max() < 1e-4
+    # The batch axis is dynamic: one image, and more than the export example's two.
+    one_emb, _ = engine.run(images[:1])
+    assert np.abs(one_emb - ref_emb[:1]).max() < 1e-4
+
+
+def test_onnx_graph_takes_uint8_nhwc_with_dynamic_batch(small_ckpt):
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes(small_ckpt))
+    inp = model.graph.input[0]
+    assert inp.name == "images"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [64, 64, 3]
+    assert [o.name for o in model.graph.output] == ["embeddings", "logits"]
+
+
+def test_bf16_torch_passes_the_gate(small_ckpt, images):
+    ref = TorchEngine(small_ckpt, "fp32", "cpu", 1)
+    result = compare(ref, TorchEngine(small_ckpt, "bf16", "cpu", 1), images)
+    assert result.passed and 0.99 < result.cosine_mean < 1.0
+    assert result.top1_agreement is not None
+
+
+class Broken:
+    """A deliberately broken engine: the real one with its embeddings and logits scrambled."""
+
+    def __init__(self, engine):
+        self.engine, self.info = engine, engine.info
+        self.embed_dim, self.num_classes = engine.embed_dim, engine.num_classes
+
+    def run(self, images):
+        emb, logits = self.engine.run(images)
+        rng = np.random.default_rng(1)
+        return emb + rng.normal(0, 5 * emb.std(), emb.shape).astype(np.float32), logits[:, ::-1].copy()
+
+
+def test_gate_refuses_a_broken_engine_and_says_by_how_much(small_ckpt, images):
+    ref = TorchEngine(small_ckpt, "fp32", "cpu", 1)
+    result = compare(ref, Broken(TorchEngine(small_ckpt, "fp32", "cpu", 1)), images)
+    assert not result.passed
+    assert result.cosine_mean < 0.9
+    text = result.describe()
+    assert "FAILED" in text and "need >= 0.999" in text
+
+
+def test_cache_miss_hit_corrupt_and_rebuild(tmp_path):
+    cache = EngineCache(str(tmp_path))
+    key = CacheKey("m" * 64, "onnx", "1.0", "fp32", 32, "cpu")
+    builds = []
+
+    def build() -> bytes:
+        builds.append(1)
+        return b"artifact-%d" % len(builds)
+
+    first = cache.get_or_build(key, build)
+    assert (first.status, first.data) == ("built", b"artifact-1")
+    assert cache.get_or_build(key, build).status == "hit" and len(builds) == 1
+    # Corrupt the artifact: it must be rebuilt, never loaded.
+    (tmp_path / f"{key.name}.bin").write_bytes(b"tampered")
+    again = cache.get_or_build(key, build)
+    assert again.status.startswith("rebuilt (checksum mismatch") and again.data == b"artifact-2"
+    # A different key (another precision) is another entry.
+    other = CacheKey("m" * 64, "onnx", "1.0", "bf16", 32, "cpu")
+    assert cache.get_or_build(other, build).status == "built" and len(builds) == 3
+    meta = json.loads((tmp_path / f"{key.name}.json").read_text())
+    assert meta["key"]["precision"] == "fp32" and len(meta["sha256"]) == 64
+
+
+def test_cache_entry_for_another_key_is_not_loaded(tmp_path):
+    cache = EngineCache(str(tmp_path))
+    key = CacheKey("a" * 64, "onnx", "1.0", "fp32", 32, "cpu")
+    cache.get_or_build(key, lambda: b"x")
+    meta_path = tmp_path / f"{key.name}.json"
+    meta = json.loads(meta_path.read_text())
+    meta["key"]["model_id"] = "b" * 64
+    meta_path.write_text(json.dumps(meta))
+    data, why = cache.load(key)
+    assert data is None and "another key" in why
+
+
+def _concurrent_builds(cache_uri: str, n: int = 4) -> tuple[list[str], list[int]]:
+    key = CacheKey("c" * 64, "tensorrt", "10.0", "fp16", 32, "sm_90")
+    builds: list[int] = []
+    statuses: list[str] = []
+    start = threading.Barrier(n)
+
+    def build() -> bytes:
+        builds.append(1)
+        threading.Event().wait(0.5)  # a slow build, so the others arrive while it runs
+        return b"plan"
+
+    def worker() -> None:
+        cache = EngineCache(cache_uri, poll_s=0.05)
+        start.wait()
+        statuses.append(cache.get_or_build(key, build).status)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return statuses, builds
+
+
+def test_concurrent_builders_build_once_on_local_disk(tmp_path):
+    statuses, builds = _concurrent_builds(str(tmp_path))
+    assert len(builds) == 1
+    assert sorted(statuses) == ["built"] + ["built by another worker"] * 3
+
+
+@pytest.mark.heavy
+def test_concurrent_builders_build_once_on_s3(s3):
+    s3.mkdir("vitpipe-cache")
+    statuses, builds = _concurrent_builds("s3://vitpipe-cache/engines")
+    assert len(builds) == 1  # SeaweedFS honors If-None-Match: * on the lock
+    assert statuses.count("built") == 1 and len(statuses) == 4
+
+
+def test_build_engine_uses_the_cache(tmp_path, small_ckpt, images):
+    first = build_engine(small_ckpt, "onnx", "fp32", "cpu", 1, cache_uri=str(tmp_path))
+    second = build_engine(small_ckpt, "onnx", "fp32", "cpu", 1, cache_uri=str(tmp_path))
+    assert first.cache == "onnx graph: built" and second.cache == "onnx graph: hit"
+    assert np.allclose(first.engine.run(images)[0], second.engine.run(images)[0])
+
+
+def test_auto_backend_on_cpu():
+    assert resolve_backend("auto", "fp32", "cpu")[0] == "onnx"
+    backend, why = resolve_backend("auto", "bf16", "cpu")
+    assert backend == "torch" and "bf16" in why
+    assert resolve_backend("torch", "fp32", "auto") == ("torch", "asked for in the job spec")
+
+
+def test_onnx_refuses_bf16_on_cpu(small_ckpt):
+    with pytest.raises(ValueError, match="only on a GPU"):
+        OnnxEngine(small_ckpt, "bf16", "cpu", 1)
+
+
+TRT_OK, TRT_WHY = tensorrt_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TRT_OK, reason=f"TensorRT backend needs tensorrt and a CUDA GPU: {TRT_WHY}")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_tensorrt_engine_passes_the_gate(tmp_path, precision):
+    ckpt = random_checkpoint("vit_s_16")
+    x = np.random.default_rng(0).integers(0, 255, (16, 224, 224, 3), dtype=np.uint8)
+    built = build_engine(ckpt, "tensorrt", precision, "cuda", 1, max_batch=16, cache_uri=str(tmp_path))
+    assert built.backend == "tensorrt"
+    result = compare(TorchEngine(ckpt, "fp32", "cuda", 1), built.engine, x)
+    assert result.passed, result.describe()
+    again = build_engine(ckpt, "tensorrt", precision, "cuda", 1, max_batch=16, cache_uri=str(tmp_path))
+    assert "plan: hit" in again.cache
