@@ -108,6 +108,8 @@ class ResourcesSpec(Spec):
 class RayOptions(Spec):
     address: str | None = Field(None, description="An existing cluster (ray://... or auto); default: a local Ray.")
     progress: bool = Field(True, description="Show progress while running.")
+    stall_timeout_s: float = Field(1800.0, gt=0, description="Fail loudly if no row arrives for this long "
+                                                              "(a stuck read or model call), instead of hanging.")
 
 
 class JobSpec(Spec):

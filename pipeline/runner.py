@@ -188,7 +188,10 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str) 
     return ds.map_batches(
         Predictor, batch_size=spec.engine.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads, "backend": backend},
-        compute=ray.data.ActorPoolStrategy(size=min(plan.actors, len(shards))),  # no actor without a shard
+        # min 1, not a fixed size: when a node dies and its actor cannot be placed again, the run goes on
+        # with the actors that remain instead of waiting for the lost capacity forever.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(plan.actors, len(shards)),
+                                           initial_size=min(plan.actors, len(shards))),
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )
 
@@ -269,6 +272,7 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar of our own, below
     ctx.print_on_execution_start = False
+    ctx.execution_no_progress_timeout_s = spec.ray.stall_timeout_s  # bounded: a stuck stage fails the run
     plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]])
     engine_check = prepare_engine(spec, ckpt, todo, plan)
     ds = build_dataset(spec, todo, plan, engine_check["backend"])

@@ -36,12 +36,32 @@ def check_no_secrets(spec: JobSpec) -> None:
                              "cluster's environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) instead")
 
 
-def submit(spec: JobSpec, address: str, wait: bool = False) -> str:
-    """Submit `vitpipe run` with this spec through the Ray Jobs API; returns the submission id."""
+def jobs_client(address: str):
+    """A Ray Jobs client that authenticates with the cluster's token (Ray's token auth, on by default).
+
+    The token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, never from a job spec.
+    """
+    import os
+
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or Path(
+        os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().exists()
+    if has_token:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # read by Ray when it is first imported, below
     from ray.job_submission import JobSubmissionClient
 
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # AuthenticationError, ConnectionError: say what to do, not a traceback
+        if type(e).__name__ == "AuthenticationError":
+            raise RuntimeError(f"{address}: the cluster wants a token: put it in ~/.ray/auth_token or "
+                               "RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)") from None
+        raise RuntimeError(f"{address}: cannot reach the Ray Jobs API ({type(e).__name__}: {e})") from None
+
+
+def submit(spec: JobSpec, address: str, wait: bool = False) -> str:
+    """Submit `vitpipe run` with this spec through the Ray Jobs API; returns the submission id."""
     check_no_secrets(spec)
-    client = JobSubmissionClient(address)
+    client = jobs_client(address)
     workdir = Path(tempfile.mkdtemp(prefix="vitpipe-submit-"))
     try:
         (workdir / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
@@ -56,18 +76,14 @@ def submit(spec: JobSpec, address: str, wait: bool = False) -> str:
 
 
 def job_status(address: str, job_id: str) -> dict:
-    from ray.job_submission import JobSubmissionClient
-
-    info = JobSubmissionClient(address).get_job_info(job_id)
+    info = jobs_client(address).get_job_info(job_id)
     return {"job_id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
             "message": info.message, "entrypoint": info.entrypoint, "start_time": info.start_time,
             "end_time": info.end_time, "metadata": info.metadata}
 
 
 def job_logs(address: str, job_id: str, follow: bool = False) -> None:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = jobs_client(address)
     if not follow:
         sys.stdout.write(client.get_job_logs(job_id))
         return
@@ -82,9 +98,7 @@ def job_logs(address: str, job_id: str, follow: bool = False) -> None:
 
 
 def job_stop(address: str, job_id: str) -> bool:
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address).stop_job(job_id)
+    return jobs_client(address).stop_job(job_id)
 
 
 def wait_for(address: str, job_id: str, timeout_s: float = 1800.0) -> str:

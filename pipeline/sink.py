@@ -27,6 +27,7 @@ import posixpath
 import shutil
 import tempfile
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -38,6 +39,7 @@ import pyarrow.parquet as pq
 from pipeline.config import OutputSpec
 from pipeline.ledger import Lease, Ledger, ShardEntry, shard_key
 from pipeline.sources import Shard
+from pipeline.storage import remove_tree
 
 INTERNAL = ("status", "error_stage", "error_type", "error_message", "shard", "ordinal")
 ERROR_COLUMNS = ("key", "source_uri", "source_etag", "member", "label", "error_stage", "error_type", "error_message")
@@ -296,6 +298,7 @@ class ParquetSink:
         try:
             self._write_json(f"_runs/{self.run_id}.json", {"run_id": self.run_id, "status": "failed",
                                                            "error": f"{type(error).__name__}: {error}",
+                                                           "where": traceback.format_exception(error)[-3:],
                                                            "shards_finished": len(self.done),
                                                            "finished_at": time.time()})
         finally:
@@ -310,10 +313,10 @@ class ParquetSink:
         self.fs.invalidate_cache()
         for pattern in ("part-*.parquet", "errors/part-*.parquet"):
             for p in self.fs.glob(f"{self.root}/{pattern}"):
-                if posixpath.relpath(p, self.root) not in keep:
+                if p.removeprefix(self.root + "/") not in keep:  # (not relpath: it needs a cwd)
                     self.fs.rm_file(p)
         if self.fs.exists(f"{self.root}/_pending"):
-            self.fs.rm(f"{self.root}/_pending", recursive=True)
+            remove_tree(self.fs, f"{self.root}/_pending")
         self.fs.invalidate_cache()
 
     def _files_exist(self, e: ShardEntry) -> bool:

@@ -6,6 +6,7 @@ First-writer-wins needs a conditional create: S3 `PutObject` with `If-None-Match
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import posixpath
 
@@ -49,3 +50,15 @@ def _precondition_failed(e: OSError) -> bool:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete a directory tree file by file (fsspec's local rm needs a cwd, which a Ray job's may lack)."""
+    for p, info in sorted(fs.find(path, withdirs=True, detail=True).items(), reverse=True):
+        if info.get("type") == "directory":
+            with contextlib.suppress(OSError):  # object stores have no real directories
+                fs.rmdir(p)
+        else:
+            fs.rm_file(p)
+    with contextlib.suppress(OSError):
+        fs.rmdir(path)

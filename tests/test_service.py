@@ -1,0 +1,322 @@
+"""Running it like a service: incremental nightly runs, the lease, resume after a killed driver,
+node loss, Ray Jobs submission, schedules, run history and error retries. Real S3, real Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from pipeline.config import JobSpec
+from pipeline.demo import digit_jpegs, write_shards
+from pipeline.ledger import Lease, LeaseHeld
+from pipeline.runner import run_job
+
+from helpers import bad_input_members, image_bytes, tar_bytes
+
+pytestmark = pytest.mark.heavy
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(src, out, **sections) -> JobSpec:
+    data = {"name": "nightly", "source": {"uri": src}, "model": {"checkpoint": "builtin:digits"},
+            "engine": {"batch_size": 32}, "outputs": {"top_k": 1}, "output": {"uri": out, "mode": "incremental"},
+            "ray": {"progress": False}}
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v}
+    return JobSpec.model_validate(data)
+
+
+def _keys(s3, out: str) -> list[str]:
+    s3.invalidate_cache()
+    con = duckdb.connect()
+    con.register_filesystem(s3)
+    manifest = json.loads(s3.cat(f"{out}/_manifest.json"))
+    files = [f"'s3://{out}/{f['path']}'" for f in manifest["files"] if f["kind"] == "ok"]
+    return [r[0] for r in con.sql(f"SELECT key FROM read_parquet([{', '.join(files)}])").fetchall()]
+
+
+def _visible_parts(s3, out: str) -> set[str]:
+    s3.invalidate_cache()
+    return {p.split(f"{out}/", 1)[1] for p in s3.find(out) if p.endswith(".parquet")}
+
+
+def test_incremental_runs_only_new_changed_or_remodelled_shards(ray_cluster, s3):
+    bucket = "vitpipe-nightly"
+    s3.mkdir(bucket)
+    digits = digit_jpegs("test")[:200]
+    write_shards(digits[:120], f"s3://{bucket}/in", n_shards=4, prefix="day1")
+    out = f"{bucket}/out"
+    first = run_job(_spec(f"s3://{bucket}/in", f"s3://{out}"))
+    assert (first.shards_processed, first.shards_unchanged, first.records_read) == (4, 0, 120)
+
+    write_shards(digits[120:], f"s3://{bucket}/in", n_shards=2, prefix="day2")  # 80 more images
+    s3.invalidate_cache()
+    second = run_job(_spec(f"s3://{bucket}/in", f"s3://{out}"))
+    assert (second.shards_processed, second.shards_unchanged, second.records_read) == (2, 4, 80)
+    keys = _keys(s3, out)
+    assert len(keys) == 200 and len(set(keys)) == 200  # the union, exactly once
+
+    # One shard changes (new bytes, new ETag): only it is redone, its old rows replaced.
+    s3.pipe(f"{bucket}/in/day1-00000.tar", tar_bytes([("replaced-0.jpg", image_bytes(40, 40, seed=7))]))
+    s3.invalidate_cache()
+    third = run_job(_spec(f"s3://{bucket}/in", f"s3://{out}"))
+    assert (third.shards_processed, third.shards_unchanged) == (1, 5)
+    keys = _keys(s3, out)
+    assert "replaced-0" in keys and len(keys) == 200 - 30 + 1 and len(set(keys)) == len(keys)
+
+    # Another model (gap pooling changes the model id): everything is redone.
+    fourth = run_job(_spec(f"s3://{bucket}/in", f"s3://{out}", model={"pooling": "gap"}))
+    assert (fourth.shards_processed, fourth.shards_unchanged) == (6, 0)
+    manifest = json.loads(s3.cat(f"{out}/_manifest.json"))
+    assert manifest["totals"]["records"] == 171 and manifest["model"]["id"] == fourth.model_id
+    assert _visible_parts(s3, out) == {f["path"] for f in manifest["files"]}  # no stray files
+
+
+def test_a_held_lease_makes_a_second_run_refuse(ray_cluster, tmp_path):
+    import fsspec
+
+    write_shards(digit_jpegs("test")[:20], str(tmp_path / "in"), n_shards=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    other = Lease(fsspec.filesystem("file"), str(out), "other-run", ttl_s=60)
+    other.acquire()
+    try:
+        with pytest.raises(LeaseHeld, match="being written by run other-run"):
+            run_job(_spec(str(tmp_path / "in"), str(out)))
+        assert not list(out.glob("*.parquet")) and not (out / "_ledger").exists()
+    finally:
+        other.release()
+    assert run_job(_spec(str(tmp_path / "in"), str(out))).ok_rows == 20  # free again
+
+
+def _vitpipe(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env or os.environ.copy(), **kw)
+
+
+def _write_job(tmp_path: Path, spec: JobSpec, name: str = "job.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    return p
+
+
+def test_two_concurrent_runs_one_runs_one_refuses(s3, tmp_path):
+    bucket = "vitpipe-concurrent"
+    s3.mkdir(bucket)
+    write_shards(digit_jpegs("test")[:64], f"s3://{bucket}/in", n_shards=2)
+    job = _write_job(tmp_path, _spec(f"s3://{bucket}/in", f"s3://{bucket}/out"))
+    procs = [_vitpipe(["run", str(job), "--no-progress"]) for _ in range(2)]
+    results = [(p.wait(300), *p.communicate()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], [r[2][-2000:] for r in results]
+    loser = next(r for r in results if r[0] == 2)
+    assert "being written by run" in loser[2]
+    assert len(_keys(s3, f"{bucket}/out")) == 64
+
+
+KILL_AFTER = """
+import os, signal, sys
+import pipeline.sink as sink
+orig = sink.ParquetSink._finish_shard
+def finish_then_maybe_die(self, key):
+    orig(self, key)
+    if len(self.done) == int(os.environ["KILL_AFTER_SHARDS"]):
+        os.kill(os.getpid(), signal.SIGKILL)  # the driver dies mid-run, as on a lost head node
+sink.ParquetSink._finish_shard = finish_then_maybe_die
+from pipeline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_driver_killed_mid_run_then_resumed_exactly_once(s3, tmp_path):
+    bucket = "vitpipe-resume"
+    s3.mkdir(bucket)
+    digits = digit_jpegs("test")[:240]
+    write_shards(digits, f"s3://{bucket}/in", n_shards=6)
+    out = f"{bucket}/out"
+    job = _write_job(tmp_path, _spec(f"s3://{bucket}/in", f"s3://{out}", output={"lease_ttl_s": 3}))
+    killer = tmp_path / "kill_after.py"
+    killer.write_text(KILL_AFTER)
+    env = os.environ | {"KILL_AFTER_SHARDS": "2", "PYTHONPATH": str(ROOT)}
+    dead = subprocess.run([sys.executable, str(killer), "run", str(job), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert dead.returncode == -signal.SIGKILL
+    s3.invalidate_cache()
+    assert not s3.exists(f"{out}/_SUCCESS") and not s3.exists(f"{out}/_manifest.json")
+    assert not {p for p in _visible_parts(s3, out) if not p.startswith("_pending/")}  # readers see nothing
+
+    time.sleep(3.5)  # the dead run's lease expires
+    again = _vitpipe(["run", str(job), "--no-progress"])
+    code, stdout, stderr = again.wait(300), *again.communicate()
+    assert code == 0, stderr[-3000:]
+    assert "2 resumed from an interrupted run" in stdout  # at most the in-flight shards were redone
+    keys = _keys(s3, out)
+    assert len(keys) == 240 and len(set(keys)) == 240
+    manifest = json.loads(s3.cat(f"{out}/_manifest.json"))
+    assert _visible_parts(s3, out) == {f["path"] for f in manifest["files"]}  # nothing stray, nothing pending
+    runs = [json.loads(s3.cat(p)) for p in s3.glob(f"{out}/_runs/*.json")]
+    assert sorted(r["status"] for r in runs) == ["succeeded"]  # the killed run could not even record itself
+
+
+NODE_LOSS = """
+import json, sys, threading, time
+import ray
+from ray.cluster_utils import Cluster
+from pipeline.config import JobSpec
+from pipeline.runner import run_job
+import pipeline.sink as sink
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+victim = cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address, logging_level="WARNING")
+cluster.wait_for_nodes()
+spec = JobSpec.model_validate(json.loads(sys.argv[1]))
+orig = sink.ParquetSink._finish_shard
+def finish(self, key):
+    orig(self, key)
+    if len(self.done) == 1:
+        cluster.remove_node(victim, allow_graceful=False)  # a worker node dies mid-run
+        print("killed a node", file=sys.stderr, flush=True)
+sink.ParquetSink._finish_shard = finish
+report = run_job(spec)
+print(json.dumps({"records": report.records_read, "ok": report.ok_rows, "dups": report.duplicates_dropped,
+                  "nodes_alive": sum(n["Alive"] for n in ray.nodes())}), flush=True)
+import os
+os._exit(0)  # skip teardown of a cluster that just lost a node (its noise is not the test)
+"""
+
+
+def test_worker_node_lost_mid_run_output_still_exact(s3_server, tmp_path):
+    """Three nodes, one worker killed after the first shard: retried tasks and a restarted actor finish it."""
+    write_shards(digit_jpegs("test")[:240], str(tmp_path / "in"), n_shards=6)
+    spec = _spec(str(tmp_path / "in"), str(tmp_path / "out"), engine={"batch_size": 8})
+    script = tmp_path / "node_loss.py"
+    script.write_text(NODE_LOSS)
+    r = subprocess.run([sys.executable, str(script), spec.model_dump_json()], capture_output=True, text=True,
+                       timeout=420, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "killed a node" in r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["records"] == result["ok"] == 240 and result["nodes_alive"] == 2
+    keys = duckdb.sql(f"SELECT key FROM '{tmp_path / 'out'}/part-*.parquet'").fetchall()
+    assert len(keys) == 240 and len({k[0] for k in keys}) == 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_to_a_ray_start_cluster_and_follow_it(s3, tmp_path):
+    """`ray start --head` + a worker on loopback; credentials reach the job through the cluster's env only."""
+    bucket = "vitpipe-submit"
+    s3.mkdir(bucket)
+    write_shards(digit_jpegs("test")[:40], f"s3://{bucket}/in", n_shards=2)
+    gcs, dash = _free_port(), _free_port()
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="vr", dir="/tmp")  # short: Ray's unix sockets live under it
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # Token authentication on (Ray's default for new clusters): nodes and the client find the token in
+    # ~/.ray/auth_token; nothing about it goes into the job spec.
+    env = os.environ | {"RAY_AUTH_MODE": "token"}  # secure, as deploy/ runs it: every node and client
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the cluster has vitpipe installed
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                             "--num-cpus=1", f"--temp-dir={temp_dir}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = None
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 90
+        while not _dashboard_up(dash):
+            assert time.time() < deadline and head.poll() is None, "the Ray head did not start"
+            time.sleep(1)
+        worker = subprocess.Popen([ray_bin, "start", "--block", f"--address=127.0.0.1:{gcs}",
+                                   "--node-ip-address=127.0.0.1", "--num-cpus=1"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        job = _write_job(tmp_path, _spec(f"s3://{bucket}/in", f"s3://{bucket}/out"))
+        sub = _vitpipe(["submit", str(job), "--address", address, "--wait"], env=env)
+        code, stdout, stderr = sub.wait(400), *sub.communicate()
+        assert stdout.strip(), f"submit printed no job id; stderr: {stderr[-3000:]}"
+        job_id = stdout.strip().splitlines()[0]
+        logs = _vitpipe(["logs", job_id, "--address", address], env=env).communicate()[0]
+        s3.invalidate_cache()
+        runs = [s3.cat(p).decode() for p in s3.glob(f"{bucket}/out/_runs/*.json")]
+        assert code == 0, stderr[-2000:] + logs[-3000:] + "\n".join(runs)
+        assert "records read   40" in logs
+        status = json.loads(_vitpipe(["status", job_id, "--address", address], env=env).communicate()[0])
+        assert status["status"] == "SUCCEEDED"
+        assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(status) and s3_secret_not_in(logs)
+        assert len(_keys(s3, f"{bucket}/out")) == 40
+    finally:
+        for p in (worker, head):
+            if p is not None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+
+
+def s3_secret_not_in(text: str) -> bool:
+    return os.environ["AWS_SECRET_ACCESS_KEY"] not in text
+
+
+def _dashboard_up(port: int) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=1) as r:
+            return r.status == 200
+    except urllib.error.HTTPError as e:
+        return e.code == 401  # up, and token authentication is on (Ray's default): good
+    except OSError:
+        return False
+
+
+def test_schedule_prints_a_cron_line_and_rejects_bad_cron(tmp_path):
+    job = ROOT / "jobs" / "nightly.yaml"
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "schedule", str(job), "--cron", "0 2 * * *"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    line = r.stdout.strip()
+    assert line.startswith("0 2 * * * ") and f"run {job}" in line and "flock -n" in line and "--no-progress" in line
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "schedule", str(job), "--cron", "every night"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "5 fields" in bad.stderr
+
+
+def test_runs_history_errors_summary_and_retry_spec(ray_cluster, tmp_path):
+    members, expected_errors, _ = bad_input_members()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad-00000.tar").write_bytes(tar_bytes(members))
+    out = tmp_path / "out"
+    report = run_job(_spec(str(tmp_path / "in"), str(out), output={"mode": "full"}))
+    runs = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", str(out)], capture_output=True, text=True)
+    assert report.run_id in runs.stdout and "succeeded" in runs.stdout
+    retry = tmp_path / "retry.yaml"
+    errs = subprocess.run([sys.executable, "-m", "pipeline.cli", "errors", str(out), "--retry-spec", str(retry)],
+                          capture_output=True, text=True)
+    assert errs.returncode == 0, errs.stderr
+    assert f"{report.error_rows} error rows" in errs.stdout and "decode/DecompressionBomb" in errs.stdout
+    spec = yaml.safe_load(retry.read_text())
+    assert spec["source"]["only_keys"] and spec["output"]["uri"].endswith("out-retry")
+    again = run_job(JobSpec.model_validate(spec | {"ray": {"progress": False}}))
+    # Only the failed records' keys were read again; they fail again (the inputs are still bad).
+    retried = [r[0] for r in duckdb.sql(f"SELECT key FROM '{tmp_path}/out-retry/errors/*.parquet'").fetchall()]
+    assert sorted(retried) == sorted(expected_errors)
+    assert again.ok_rows == 1  # 'dup': the kept first sample shares its key with the failed duplicate
