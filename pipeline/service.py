@@ -65,14 +65,27 @@ def submit(spec: JobSpec, address: str, wait: bool = False) -> str:
     workdir = Path(tempfile.mkdtemp(prefix="vitpipe-submit-"))
     try:
         (workdir / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-        job_id = client.submit_job(
+        job_id = _with_retries(lambda: client.submit_job(
             entrypoint="vitpipe run job.yaml --address auto --no-progress",
             runtime_env={"working_dir": str(workdir)},  # the spec only; no env_vars, no secrets
             metadata={"vitpipe.job": spec.name, "vitpipe.output": spec.output.uri},
-        )
+        ))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return job_id
+
+
+def _with_retries(call, attempts: int = 30, wait_s: float = 2.0):
+    """A cluster that just started answers before its job agent is up ("No available agent"): retry that."""
+    import time
+
+    for i in range(attempts):
+        try:
+            return call()
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or i == attempts - 1:
+                raise
+            time.sleep(wait_s)
 
 
 def job_status(address: str, job_id: str) -> dict:
