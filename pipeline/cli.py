@@ -225,6 +225,14 @@ def _show_rows(uri: str, n: int) -> None:
         print(f"  {row['key']:<20} label {row['label']!s:<4} top-k: {top}{emb_s}")
 
 
+def _job_args(p: argparse.ArgumentParser, address_help: str, required: bool = False) -> None:
+    """The arguments every command that takes a job spec shares."""
+    p.add_argument("job", help="path to a job spec YAML file (see jobs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any field, e.g. --set engine.batch_size=64 --set output.mode=full")
+    p.add_argument("--address", required=required, help=address_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vitpipe",
@@ -237,10 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job spec (YAML)", formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Run a job spec to a committed Parquet output.",
                          epilog="Job spec fields (section.key: meaning [default]):\n" + describe_spec())
-    run.add_argument("job", help="path to a job spec YAML file (see jobs/)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override any field, e.g. --set engine.batch_size=64 --set output.mode=full")
-    run.add_argument("--address", help="an existing Ray cluster (default: start a local one on 127.0.0.1)")
+    _job_args(run, "an existing Ray cluster (default: start a local one on 127.0.0.1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     run.set_defaults(fn=cmd_run)
 
@@ -248,18 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Build the engine a job would use (ONNX graph, TensorRT plan) where its actors "
                                       "run, store it in engine.cache_uri, and check it against torch fp32 on images "
                                       "from the job's own inputs. Run it ahead of a nightly job on the cluster's GPUs.")
-    comp.add_argument("job", help="path to a job spec YAML file")
-    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field")
-    comp.add_argument("--address", help="an existing Ray cluster (default: a local one)")
+    _job_args(comp, "an existing Ray cluster (default: start a local one on 127.0.0.1)")
     comp.set_defaults(fn=cmd_compile)
 
     sm = sub.add_parser("submit", help="submit a job to a Ray cluster through the Ray Jobs API",
                         description="Submit `vitpipe run` with this job spec to a Ray cluster. The spec travels with "
                                     "the job; credentials never do (the cluster's workers read them from their "
                                     "environment). Prints the job id.")
-    sm.add_argument("job", help="path to a job spec YAML file")
-    sm.add_argument("--address", required=True, help="the cluster's dashboard address, e.g. http://127.0.0.1:8265")
-    sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field")
+    _job_args(sm, "the cluster's dashboard address, e.g. http://127.0.0.1:8265", required=True)
     sm.add_argument("--wait", action="store_true", help="wait for the job to finish; exit 1 unless it succeeded")
     sm.set_defaults(fn=cmd_submit)
     for name, fn, what in (("status", cmd_status, "show a submitted job's status"),
