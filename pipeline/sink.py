@@ -29,7 +29,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
@@ -192,10 +192,6 @@ class ParquetSink:
         for key in [k for k, b in self.buffers.items() if b.complete]:
             self._finish_shard(key)
 
-    @property
-    def shards_in_flight(self) -> int:
-        return len(self.buffers)
-
     def _buffer(self, shard_uri: str) -> ShardBuffer:
         key = shard_key(shard_uri)
         if key not in self.buffers:
@@ -333,10 +329,6 @@ class ParquetSink:
             return json.loads(self.fs.cat_file(f"{self.root}/{name}") or b"{}")
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-
-
-def entry_dict(e: ShardEntry) -> dict:
-    return asdict(e)
 
 
 def _sha256(path: str) -> str:
