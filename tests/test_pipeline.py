@@ -163,3 +163,23 @@ def test_gate_miss_stops_the_job_before_any_output(ray_cluster, tmp_path):
     with pytest.raises(GateError, match=r"FAILED .* cosine mean 0\.9\d+ .*need >= 1\.0"):
         run_job(_spec(str(tmp_path / "in"), str(out), engine={"precision": "bf16", "gate": {"min_cosine": 1.0}}))
     assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
+
+
+def test_a_timm_file_labels_real_images_through_a_job_spec(ray_cluster, tmp_path):
+    """A plain timm-layout state dict (no vitpipe metadata) named in model.checkpoint, with labels from a file."""
+    from safetensors.torch import save_file
+
+    from pipeline.demo import LABELS
+    from pipeline.model.checkpoints import load_checkpoint
+
+    demo = load_checkpoint("builtin:digits")
+    save_file({k: v.contiguous() for k, v in demo.state_dict.items()}, str(tmp_path / "vit_digits_timm.safetensors"))
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    write_shards(digit_jpegs("test")[:120], str(tmp_path / "in"), n_shards=2)
+    report = run_job(_spec(str(tmp_path / "in"), str(tmp_path / "out"),
+                           model={"checkpoint": str(tmp_path / "vit_digits_timm.safetensors"), "heads": 4,
+                                  "labels": str(tmp_path / "labels.txt")}))
+    assert report.model_source.endswith("vit_digits_timm.safetensors")
+    assert report.top1_accuracy > 0.8  # timm's default crop preprocessing, not the demo's squash: a little lower
+    names = pl.read_parquet(str(tmp_path / "out" / "part-*.parquet"))["topk_labels"].list.first().unique().to_list()
+    assert set(names) <= set(LABELS)
