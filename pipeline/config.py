@@ -34,7 +34,8 @@ class SourceSpec(Spec):
 class ModelSpec(Spec):
     checkpoint: str | None = Field(
         "builtin:digits",
-        description="A vitpipe .safetensors file, a Hugging Face ViT directory, or builtin:digits; null for random weights of `arch`.")
+        description="A vitpipe or timm .safetensors, a timm .pth/.bin, a JAX .npz, a Hugging Face ViT directory, "
+                    "hf://ORG/NAME[@REV][/FILE], or builtin:digits; null for random weights of `arch`.")
     arch: str | None = Field(None, description="vit_{ti,s,b,l,h}_{8,14,16,32}; needed only when checkpoint is null.")
     pooling: Literal["cls", "gap"] | None = Field(None, description="Embedding pooling; default: the checkpoint's.")
     image_size: int | None = Field(None, ge=16, description="Input size; position embeddings are interpolated if it differs.")
@@ -72,13 +73,24 @@ class GateSpec(Spec):
 class EngineSpec(Spec):
     backend: Literal["auto", "torch", "onnx", "tensorrt"] = Field(
         "torch", description="auto: TensorRT on a GPU when installed, else torch CUDA, else the fastest CPU engine.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Compute precision (fp16 needs a GPU).")
+    precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(
+        "fp32", description="Compute precision. fp16 needs a GPU; int8 (backend onnx or tensorrt) is calibrated "
+                            "on the job's own images first, then gated like the others.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor has a GPU, else cpu.")
     batch_size: int = Field(32, ge=1, le=4096, description="Images per model call (and TensorRT's max batch).")
     compile: bool = Field(False, description="torch backend: torch.compile the model.")
+    calibration_samples: int = Field(
+        128, ge=1, description="int8: images from the job's first shards that set the activation ranges "
+                               "(the gate checks on the images after them).")
     cache_uri: str | None = Field(
         None, description="Compiled-engine cache (local folder or fsspec URI); default ~/.cache/vitpipe/engines.")
     gate: GateSpec = GateSpec()
+
+    @model_validator(mode="after")
+    def _quantized_backend(self) -> EngineSpec:
+        if self.precision == "int8" and self.backend == "torch":
+            raise ValueError("engine.precision int8 runs on backend onnx or tensorrt (or auto), not torch")
+        return self
 
 
 class OutputsSpec(Spec):

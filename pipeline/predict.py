@@ -8,8 +8,11 @@ plain function, so the stage is tested without Ray.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
+import ray
 
 from pipeline.config import JobSpec, OutputsSpec
 from pipeline.decode import DecodeError, decode_image
@@ -146,8 +149,10 @@ def needs_gate(spec: JobSpec) -> bool:
     return not (e.backend == "torch" and e.precision == "fp32" and not e.compile)
 
 
-def check_engine(job: dict, images: np.ndarray, threads: int) -> dict:
-    """Build the job's engine where it will run (filling the cache), then gate it against torch fp32."""
+def check_engine(job: dict, images: np.ndarray, threads: int, calibration: np.ndarray | None = None) -> dict:
+    """Build the job's engine where it will run (filling the cache), then gate it against torch fp32.
+
+    images: the gate's batch; calibration: the int8 calibration batch (other images)."""
     from pipeline.engines.gate import compare
     from pipeline.engines.torch_engine import TorchEngine
 
@@ -155,7 +160,7 @@ def check_engine(job: dict, images: np.ndarray, threads: int) -> dict:
     e = spec.engine
     ckpt = load_model(spec)
     built = build_engine(ckpt, e.backend, e.precision, e.device, threads, max_batch=e.batch_size,
-                         cache_uri=e.cache_uri, compile=e.compile)
+                         cache_uri=e.cache_uri, compile=e.compile, calibration=calibration)
     out = {"backend": built.backend, "reason": built.reason, "cache": built.cache, "engine": built.engine.info.name,
            "gate": None}
     if e.gate.enabled and needs_gate(spec) and len(images):
@@ -167,13 +172,18 @@ def check_engine(job: dict, images: np.ndarray, threads: int) -> dict:
 class Predictor:
     """The Ray actor: constructed once per actor, called once per batch."""
 
-    def __init__(self, job: dict, threads: int, backend: str | None = None):
+    def __init__(self, job: dict, threads: int, backend: str | None = None, calibration: Any = None):
         spec = JobSpec.model_validate(job)
         e = spec.engine
         self.ckpt: Checkpoint = load_model(spec)
-        # `backend` is what the driver's gate step resolved `auto` to, so all actors agree.
+        # `backend` is what the driver's gate step resolved `auto` to, so all actors agree;
+        # `calibration` ([a Ray object ref]) is the same int8 batch the gate step calibrated on,
+        # so an actor that misses the cache (another node's disk) builds the same graph.
+        if isinstance(calibration, list):
+            calibration = ray.get(calibration[0])
         built = build_engine(self.ckpt, backend or e.backend, e.precision, e.device, threads,
-                             max_batch=e.batch_size, cache_uri=e.cache_uri, compile=e.compile)
+                             max_batch=e.batch_size, cache_uri=e.cache_uri, compile=e.compile,
+                             calibration=calibration)
         self.engine = built.engine
         self.outputs = spec.outputs
 

@@ -14,12 +14,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import ray
 from tqdm import tqdm
 
 from pipeline.config import JobSpec
 from pipeline.engines.gate import GateError, GateResult
+from pipeline.engines.quantize import QUANTIZED
 from pipeline.model.checkpoints import Checkpoint
 from pipeline.predict import (
     Predictor,
@@ -160,15 +162,25 @@ def read_shards_udf(batch: dict, source: dict):
             yield pa.Table.from_pylist(chunk, schema=RECORD_SCHEMA)
 
 
-def prepare_engine(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: Plan) -> dict:
+def prepare_engine(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: Plan) -> tuple[dict, np.ndarray | None]:
     """Resolve the backend, build (and cache) the engine, and run the accuracy gate, on a worker
-    with the model actors' resources, before any bulk work. Raises GateError on a miss."""
-    if not needs_gate(spec) and spec.engine.backend == "torch":
+    with the model actors' resources, before any bulk work. Raises GateError on a miss.
+
+    Returns the engine check (for the report and manifest) and, for int8, the calibration
+    batch: the first engine.calibration_samples images of the job; the gate uses the ones after."""
+    e = spec.engine
+    if not needs_gate(spec) and e.backend == "torch":
         return {"backend": "torch", "reason": "asked for in the job spec (fp32: the reference, no gate)",
-                "cache": "", "gate": None}
-    images = calibration_images(spec, shards, ckpt.preprocess, spec.engine.gate.samples)
+                "cache": "", "gate": None}, None
+    n_cal = e.calibration_samples if e.precision in QUANTIZED else 0
+    images = calibration_images(spec, shards, ckpt.preprocess, n_cal + e.gate.samples)
+    calibration, images = (images[:n_cal], images[n_cal:]) if n_cal else (None, images)
+    if calibration is not None and len(images) == 0:  # a tiny job: gate on the calibration images
+        images = calibration
     task = ray.remote(check_engine).options(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
-    result = ray.get(task.remote(spec.model_dump(), images, plan.threads))
+    result = ray.get(task.remote(spec.model_dump(), images, plan.threads, calibration))
+    if calibration is not None:
+        result["calibration_images"] = len(calibration)
     gate = result["gate"]
     if gate is not None:
         g = GateResult(**gate)
@@ -176,10 +188,11 @@ def prepare_engine(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: P
         if not g.passed:
             raise GateError(g.describe() + "; the job did not start. Use a higher precision, another backend, "
                             "or lower engine.gate thresholds if this is expected")
-    return result
+    return result, calibration
 
 
-def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str) -> ray.data.Dataset:
+def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str,
+                  calibration: np.ndarray | None = None) -> ray.data.Dataset:
     items = [{"shard": json.dumps(s.to_dict())} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(read_shards_udf, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
@@ -187,7 +200,10 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str) 
                         compute=ray.data.TaskPoolStrategy(size=spec.resources.max_shards_in_flight))
     return ds.map_batches(
         Predictor, batch_size=spec.engine.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads, "backend": backend},
+        fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads, "backend": backend,
+                               # nested in a list: the actor fetches it (ray.get) only if it misses the
+                               # engine cache; a top-level ref would be pinned as a constructor argument
+                               "calibration": None if calibration is None else [ray.put(calibration)]},
         # min 1, not a fixed size: when a node dies and its actor cannot be placed again, the run goes on
         # with the actors that remain instead of waiting for the lost capacity forever.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(plan.actors, len(shards)),
@@ -212,7 +228,7 @@ def compile_job(spec: JobSpec) -> dict:
     shards = list_shards(spec.source)
     init_ray(spec)
     plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]])
-    result = prepare_engine(spec, ckpt, shards, plan)
+    result, _ = prepare_engine(spec, ckpt, shards, plan)
     return result | {"model_id": ckpt.model_id, "model_source": ckpt.source}
 
 
@@ -274,8 +290,8 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     ctx.print_on_execution_start = False
     ctx.execution_no_progress_timeout_s = spec.ray.stall_timeout_s  # bounded: a stuck stage fails the run
     plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]])
-    engine_check = prepare_engine(spec, ckpt, todo, plan)
-    ds = build_dataset(spec, todo, plan, engine_check["backend"])
+    engine_check, calibration = prepare_engine(spec, ckpt, todo, plan)
+    ds = build_dataset(spec, todo, plan, engine_check["backend"], calibration)
     first_row_s = None
     bar = tqdm(desc=spec.name, unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)
     try:

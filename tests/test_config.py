@@ -37,7 +37,7 @@ def test_defaults_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("patch,expect", [
-    ({"engine": {"precision": "int4"}}, ["engine.precision", "'fp32', 'bf16' or 'fp16'", "int4"]),
+    ({"engine": {"precision": "int4"}}, ["engine.precision", "'fp32', 'bf16', 'fp16' or 'int8'", "int4"]),
     ({"engine": {"batchsize": 8}}, ["engine.batchsize: unknown key"]),
     ({"source": {"uri": "x", "format": "zip"}}, ["source.format", "'webdataset', 'images' or 'parquet'"]),
     ({"outputs": {"top_k": -1}}, ["outputs.top_k", "greater than or equal to 0"]),

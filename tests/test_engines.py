@@ -187,3 +187,80 @@ def test_tensorrt_engine_passes_the_gate(tmp_path, precision):
     assert result.passed, result.describe()
     again = build_engine(ckpt, "tensorrt", precision, "cuda", 1, max_batch=16, cache_uri=str(tmp_path))
     assert "plan: hit" in again.cache
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The bundled digits model and real decoded digit images: (checkpoint, calibration, held-out)."""
+    from pipeline.decode import decode_image
+    from pipeline.demo import digit_jpegs
+
+    ckpt = load_checkpoint("builtin:digits")
+    x = np.stack([decode_image(data, ckpt.preprocess) for data, _ in digit_jpegs("test")[:192]])
+    return ckpt, x[:64], x[64:]  # (N, 32, 32, 3) uint8
+
+
+def _graph_ops(data: bytes) -> dict[str, int]:
+    import onnx
+
+    ops: dict[str, int] = {}
+    for node in onnx.load_from_string(data).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
+
+
+def test_int8_calibration_makes_a_symmetric_qdq_graph_that_passes_the_gate(tmp_path, digits):
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline.engines.quantize import quantize_onnx
+
+    ckpt, calibration, held_out = digits
+    built = build_engine(ckpt, "onnx", "int8", "cpu", 1, cache_uri=str(tmp_path), calibration=calibration)
+    assert built.engine.info.precision == "int8"
+    assert "int8 Q/DQ graph (64 calibration images): built" in built.cache
+    # What TensorRT consumes: every MatMul fed by Q/DQ pairs, int8 zero points all 0 (symmetric).
+    q = quantize_onnx(onnx_bytes(ckpt), calibration, "int8")
+    ops = _graph_ops(q)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] >= ops["MatMul"] > 0
+    graph = onnx.load_from_string(q).graph
+    zero_points = [numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("_zero_point")]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    # Judged on images it was not calibrated on, against torch fp32.
+    result = compare(TorchEngine(ckpt, "fp32", "cpu", 1), built.engine, held_out, min_cosine=0.995, min_top1=0.95)
+    assert result.passed, result.describe()
+    assert result.cosine_mean < 0.99999  # it really is quantized, not the fp32 graph under another name
+
+
+def test_int8_cache_key_includes_the_calibration_batch(tmp_path, digits):
+    ckpt, calibration, held_out = digits
+    first = build_engine(ckpt, "onnx", "int8", "cpu", 1, cache_uri=str(tmp_path), calibration=calibration)
+    again = build_engine(ckpt, "onnx", "int8", "cpu", 1, cache_uri=str(tmp_path), calibration=calibration)
+    other = build_engine(ckpt, "onnx", "int8", "cpu", 1, cache_uri=str(tmp_path), calibration=held_out[:64])
+    assert "Q/DQ graph (64 calibration images): built" in first.cache
+    assert "Q/DQ graph (64 calibration images): hit" in again.cache
+    assert "onnx graph: hit" in other.cache and "Q/DQ graph (64 calibration images): built" in other.cache
+    assert np.array_equal(first.engine.run(held_out[:8])[1], again.engine.run(held_out[:8])[1])
+
+
+def test_quantized_precisions_name_their_backends(small_ckpt):
+    from pipeline.config import EngineSpec
+
+    with pytest.raises(ValueError, match="int8 runs on backend onnx or tensorrt"):
+        EngineSpec(backend="torch", precision="int8")
+    with pytest.raises(ValueError, match="fp8"):
+        EngineSpec(backend="tensorrt", precision="fp8")
+    assert resolve_backend("auto", "int8", "cpu")[0] == "onnx"
+    with pytest.raises(ValueError, match="needs calibration images"):
+        build_engine(small_ckpt, "onnx", "int8", "cpu", 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TRT_OK, reason=f"TensorRT backend needs tensorrt and a CUDA GPU: {TRT_WHY}")
+def test_tensorrt_int8_from_the_calibrated_graph_passes_the_gate(tmp_path, digits):
+    ckpt, calibration, held_out = digits
+    built = build_engine(ckpt, "tensorrt", "int8", "cuda", 1, max_batch=32, cache_uri=str(tmp_path),
+                         calibration=calibration)
+    assert built.engine.info.precision == "int8" and "plan: built" in built.cache
+    result = compare(TorchEngine(ckpt, "fp32", "cuda", 1), built.engine, held_out, min_cosine=0.995, min_top1=0.95)
+    assert result.passed, result.describe()

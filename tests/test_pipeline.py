@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.config import JobSpec
 from pipeline.demo import digit_jpegs, write_shards
+from pipeline.predict import load_model
 from pipeline.runner import run_job
 from pipeline.sink import OutputExistsError
 
@@ -153,6 +154,38 @@ def test_onnx_backend_matches_torch_end_to_end(ray_cluster, tmp_path):
     manifest = json.loads((tmp_path / "o" / "_manifest.json").read_text())
     assert manifest["engine_check"]["backend"] == "onnx" and manifest["engine_check"]["gate"]["passed"]
     assert any(p.name.endswith(".bin") for p in (tmp_path / "engines").iterdir())  # the cached graph
+
+
+def test_int8_is_calibrated_on_the_jobs_images_gated_and_labels_them(ray_cluster, tmp_path):
+    import numpy as np
+    import ray
+
+    from pipeline.engines.base import build_engine
+    from pipeline.predict import Predictor
+
+    write_shards(digit_jpegs("test")[:160], str(tmp_path / "in"), n_shards=2)
+    spec = _spec(str(tmp_path / "in"), str(tmp_path / "o"),
+                 engine={"backend": "onnx", "precision": "int8", "cache_uri": str(tmp_path / "engines"),
+                         "calibration_samples": 48, "gate": {"samples": 64, "min_cosine": 0.995, "min_top1": 0.95}})
+    report = run_job(spec)
+    assert report.engine == "onnx-cpu-int8" and report.ok_rows == 160 and report.top1_accuracy > 0.9
+    assert report.gate["passed"] and report.gate["samples"] == 64  # the 64 images after the 48 calibrated on
+    check = json.loads((tmp_path / "o" / "_manifest.json").read_text())["engine_check"]
+    assert check["calibration_images"] == 48 and "int8 Q/DQ graph (48 calibration images)" in check["cache"]
+    keys = duckdb.sql(f"SELECT count(DISTINCT key) FROM '{tmp_path}/o/part-*.parquet'").fetchall()
+    assert keys == [(160,)]
+    # An actor on a node whose cache misses builds the same graph from the calibration batch it is handed.
+    from pipeline.predict import calibration_images
+    from pipeline.sources import list_shards
+
+    ckpt = load_model(spec)
+    cal = calibration_images(spec, list_shards(spec.source), ckpt.preprocess, 48)
+    job = spec.model_copy(update={"engine": spec.engine.model_copy(update={"cache_uri": str(tmp_path / "other")})})
+    actor = Predictor(job.model_dump(), threads=1, backend="onnx", calibration=[ray.put(cal)])
+    cached = build_engine(ckpt, "onnx", "int8", "cpu", 1, cache_uri=str(tmp_path / "engines"), calibration=cal)
+    assert "Q/DQ graph (48 calibration images): hit" in cached.cache
+    x = np.asarray(cal[:16])
+    assert np.array_equal(actor.engine.run(x)[1], cached.engine.run(x)[1])
 
 
 def test_gate_miss_stops_the_job_before_any_output(ray_cluster, tmp_path):

@@ -18,7 +18,7 @@ from pipeline.model.checkpoints import Checkpoint
 class EngineInfo:
     backend: str  # "torch", "onnx", "tensorrt"
     device: str  # "cpu", "cuda:0"
-    precision: str  # "fp32", "bf16", "fp16"
+    precision: str  # "fp32", "bf16", "fp16", "int8"
     threads: int
     version: str  # the backend library's version, for caches and provenance
 
@@ -78,6 +78,8 @@ def resolve_backend(backend: str, precision: str, device: str) -> tuple[str, str
         return "torch", f"auto: CUDA GPU present, TensorRT not usable ({why}); torch CUDA"
     if precision == "fp32" and _has_onnxruntime():
         return "onnx", "auto: CPU fp32, ONNX Runtime measured faster than torch on CPU (see benchmarks/)"
+    if precision == "int8":
+        return "onnx", "auto: CPU int8, ONNX Runtime's INT8 kernels on the calibrated Q/DQ graph"
     return "torch", f"auto: CPU {precision}: torch (ONNX Runtime has no fast {precision} CPU kernels)"
 
 
@@ -90,10 +92,20 @@ def _has_onnxruntime() -> bool:
 
 
 def build_engine(ckpt: Checkpoint, backend: str, precision: str, device: str, threads: int,
-                 max_batch: int = 32, cache_uri: str | None = None, compile: bool = False) -> BuiltEngine:
-    """The engine a job spec asks for; compiled artifacts come from (and go to) the engine cache."""
+                 max_batch: int = 32, cache_uri: str | None = None, compile: bool = False,
+                 calibration: np.ndarray | None = None) -> BuiltEngine:
+    """The engine a job spec asks for; compiled artifacts come from (and go to) the engine cache.
+
+    `calibration` (N, S, S, 3) uint8 is needed for int8 only: the activation ranges of the
+    Q/DQ graph are measured on it (quantize.py), and its digest is part of the cache key.
+    """
+    from pipeline.engines.quantize import QUANTIZED
+
     backend, reason = resolve_backend(backend, precision, device)
     if backend == "torch":
+        if precision in QUANTIZED:
+            raise ValueError(f"engine.precision {precision} is not available on backend torch; "
+                             "use backend onnx (CPU or GPU) or tensorrt (GPU), or backend auto")
         from pipeline.engines.torch_engine import TorchEngine
 
         return BuiltEngine(TorchEngine(ckpt, precision, device, threads, compile=compile), backend, reason)
@@ -103,13 +115,27 @@ def build_engine(ckpt: Checkpoint, backend: str, precision: str, device: str, th
 
     cache = EngineCache(cache_uri)
     model_id = ckpt.model_id
-    onnx_key = CacheKey(model_id, "onnx", _version("torch"), precision, 0, "any")
-    onnx = cache.get_or_build(onnx_key, lambda: onnx_bytes(ckpt, precision))
+    graph_precision = "fp32" if precision in QUANTIZED else precision  # quantized from the fp32 graph
+    onnx_key = CacheKey(model_id, "onnx", _version("torch"), graph_precision, 0, "any")
+    onnx = cache.get_or_build(onnx_key, lambda: onnx_bytes(ckpt, graph_precision))
+    status = f"onnx graph: {onnx.status}"
+    if precision in QUANTIZED:
+        from pipeline.engines.quantize import calibration_id, quantize_onnx
+
+        if calibration is None:
+            raise ValueError(f"engine.precision {precision} needs calibration images from the job's inputs")
+        q_key = CacheKey(model_id, "onnx-qdq", _version("onnxruntime"),
+                         f"{precision}-cal{calibration_id(calibration)}", 0, "any")
+        onnx = cache.get_or_build(q_key, lambda: quantize_onnx(onnx.data, calibration, precision))
+        status += f"; {precision} Q/DQ graph ({len(calibration)} calibration images): {onnx.status}"
+        precision_key = q_key.precision
+    else:
+        precision_key = precision
     if backend == "onnx":
         from pipeline.engines.onnx_engine import OnnxEngine
 
         engine = OnnxEngine(ckpt, precision, device, threads, model_bytes=onnx.data)
-        return BuiltEngine(engine, backend, reason, f"onnx graph: {onnx.status}")
+        return BuiltEngine(engine, backend, reason, status)
     if backend == "tensorrt":
         from pipeline.engines.tensorrt_engine import (
             TensorRTEngine,
@@ -121,10 +147,10 @@ def build_engine(ckpt: Checkpoint, backend: str, precision: str, device: str, th
         if not ok:
             raise RuntimeError(f"engine.backend tensorrt is not usable here: {version}; use backend auto or torch")
         cc = gpu_capability()
-        key = CacheKey(model_id, "tensorrt", version, precision, max_batch, cc or "none")
+        key = CacheKey(model_id, "tensorrt", version, precision_key, max_batch, cc or "none")
         plan = cache.get_or_build(key, lambda: build_engine_bytes(onnx.data, max_batch)[0])
         engine = TensorRTEngine(ckpt, plan.data, precision, max_batch)
-        return BuiltEngine(engine, backend, reason, f"onnx graph: {onnx.status}; plan: {plan.status}")
+        return BuiltEngine(engine, backend, reason, f"{status}; plan: {plan.status}")
     raise ValueError(f"engine.backend {backend!r} is not available; allowed: auto, torch, onnx, tensorrt")
 
 

@@ -24,7 +24,9 @@ OPSET = 18
 
 
 def export_onnx(ckpt: Checkpoint, path: str, precision: str = "fp32") -> str:
-    """Write the model, normalization included, as ONNX with a dynamic batch axis."""
+    """Write the model, normalization included, as ONNX with a dynamic batch axis.
+
+    precision is fp32, bf16 or fp16; int8 graphs are made from the fp32 one by quantize.py."""
     model = UInt8ViT(ckpt, DTYPES[precision]).eval()
     S = ckpt.preprocess.image_size
     example = torch.zeros(2, S, S, 3, dtype=torch.uint8)  # (B, S, S, 3)
@@ -59,9 +61,12 @@ class OnnxEngine:
                  model_bytes: bytes | None = None):
         import onnxruntime as ort
 
+        if model_bytes is None and precision not in DTYPES:
+            raise ValueError(f"an {precision} ONNX graph is made by the calibration step: use build_engine "
+                             "with calibration images")
         providers = ort_providers(device)
-        if precision != "fp32" and providers[0] == "CPUExecutionProvider":
-            raise ValueError(f"engine.backend onnx runs {precision} only on a GPU; on CPU use fp32 "
+        if precision in ("bf16", "fp16") and providers[0] == "CPUExecutionProvider":
+            raise ValueError(f"engine.backend onnx runs {precision} only on a GPU; on CPU use fp32 or int8 "
                              "(or backend torch for bf16)")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)

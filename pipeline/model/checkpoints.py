@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -100,9 +101,9 @@ def load_checkpoint(uri: str | None, arch: str | None = None, pooling: str | Non
         data = resources.files("pipeline.assets").joinpath(BUILTIN[uri]).read_bytes()
         ckpt = _from_ours(data, uri)
     else:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = fsspec.core.url_to_fs(hub_snapshot(uri) if uri.startswith("hf://") else uri)
         if fs.isdir(path):
-            ckpt = _from_hf_dir(fs, path, uri)
+            ckpt = _from_hf_dir(fs, path, uri, heads)
         elif path.endswith(".npz"):
             sd, npz_heads = convert_jax_npz(fs.cat_file(path), uri)
             ckpt = from_state_dict(sd, uri, arch, heads=heads or npz_heads, resize="squash")
@@ -242,11 +243,13 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _from_hf_dir(fs: Any, path: str, source: str) -> Checkpoint:
+def _from_hf_dir(fs: Any, path: str, source: str, heads: int | None = None) -> Checkpoint:
     cfg_path = f"{path.rstrip('/')}/config.json"
     if not fs.exists(cfg_path):
         raise CheckpointError(f"{source}: a directory without config.json; expected a Hugging Face ViT directory")
     hf = json.loads(fs.cat_file(cfg_path))
+    if "architecture" in hf and "pretrained_cfg" in hf:
+        return _from_timm_hub_dir(fs, path, source, hf, heads)
     if hf.get("model_type") != "vit":
         raise CheckpointError(f"{source}: config.json model_type is {hf.get('model_type')!r}, expected 'vit'")
     if hf.get("hidden_act", "gelu") != "gelu":
@@ -270,6 +273,26 @@ def _from_hf_dir(fs: Any, path: str, source: str) -> Checkpoint:
     return Checkpoint(cfg, convert_hf_state_dict(weights), pre, labels, source)
 
 
+def _from_timm_hub_dir(fs: Any, path: str, source: str, cfg: dict, heads: int | None = None) -> Checkpoint:
+    """A timm model as timm pushes it to the Hub: config.json (architecture, pretrained_cfg with
+    input size, mean/std, crop, and optionally label_names) beside model.safetensors."""
+    arch = cfg["architecture"]
+    if not arch.startswith("vit_"):
+        raise CheckpointError(f"{source}: timm architecture {arch!r} is not a plain ViT (vit_*)")
+    sd = convert_timm_state_dict(_read_hf_weights(fs, path, source))
+    ckpt = from_state_dict(sd, source, None, heads=heads or (16 if "huge" in arch else None))
+    pc = cfg["pretrained_cfg"]
+    size = int(pc.get("input_size", [3, ckpt.config.image_size])[-1])
+    ckpt.preprocess = Preprocess(image_size=size, mean=tuple(pc.get("mean", IMAGENET_MEAN)),
+                                 std=tuple(pc.get("std", IMAGENET_STD)),
+                                 resize="squash" if pc.get("crop_mode") == "squash" else "crop",
+                                 crop_pct=float(pc.get("crop_pct", 0.875)))
+    names = cfg.get("label_names") or []
+    if len(names) == ckpt.config.num_classes:
+        ckpt.labels = list(names)
+    return ckpt
+
+
 def _read_hf_weights(fs: Any, path: str, source: str) -> dict[str, torch.Tensor]:
     base = path.rstrip("/")
     if fs.exists(f"{base}/model.safetensors"):
@@ -277,6 +300,34 @@ def _read_hf_weights(fs: Any, path: str, source: str) -> dict[str, torch.Tensor]
     if fs.exists(f"{base}/pytorch_model.bin"):
         return torch.load(io.BytesIO(fs.cat_file(f"{base}/pytorch_model.bin")), map_location="cpu", weights_only=True)
     raise CheckpointError(f"{source}: no model.safetensors or pytorch_model.bin in the directory")
+
+
+def hub_snapshot(uri: str) -> str:
+    """hf://ORG/NAME[@REVISION][/FILE] -> that repo's files in the local Hugging Face cache.
+
+    A snapshot, not a remote filesystem: every actor of a node reads the weights from one
+    local copy, downloaded once (huggingface_hub verifies and caches it). HF_TOKEN,
+    HF_ENDPOINT and HF_HUB_CACHE come from the environment; HF_HUB_OFFLINE=1 (or no network)
+    uses the cache only, so a nightly job keeps running when the Hub is down.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise CheckpointError(f"{uri}: hf:// checkpoints need huggingface_hub: pip install 'vit-pipeline[hf]'") from e
+    parts = uri[len("hf://"):].strip("/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise CheckpointError(f"{uri}: expected hf://ORG/NAME[@REVISION][/FILE], e.g. hf://google/vit-base-patch16-224")
+    name, _, revision = parts[1].partition("@")
+    repo_id, file = f"{parts[0]}/{name}", "/".join(parts[2:])
+    patterns = [file] if file else ["*.json", "*.txt", "*.safetensors", "*.bin", "*.pth", "*.npz"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
+                                   cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=offline)
+    except Exception as e:  # not found, no network and not cached, gated repo without HF_TOKEN
+        raise CheckpointError(f"{uri}: could not get {repo_id} from the Hugging Face Hub or its cache "
+                              f"({type(e).__name__}: {e}); check the name, the network, or HF_TOKEN") from e
+    return os.path.join(folder, file) if file else folder
 
 
 # --- timm and the original JAX checkpoints -----------------------------------------------------
