@@ -173,3 +173,49 @@ def test_labels_and_normalization_overrides(hf, tmp_path):
     ckpt = load_checkpoint(str(tmp_path / "vit.safetensors"), mean=(0.485, 0.456, 0.406), labels=list("abcde"),
                            heads=HEADS)
     assert ckpt.labels == list("abcde") and ckpt.preprocess.mean == (0.485, 0.456, 0.406)
+
+
+def _hub_cache_repo(cache, repo_id: str, files: dict[str, bytes]) -> str:
+    """A repo as huggingface_hub caches it (docs: "Manage huggingface_hub cache-system"):
+    models--ORG--NAME/refs/main holds the commit, snapshots/COMMIT/ holds the files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        (snap / name).write_bytes(data)
+    return commit
+
+
+def test_hf_uris_load_timm_and_transformers_repos_from_the_hub_cache(tmp_path, hf, monkeypatch):
+    """hf://ORG/NAME goes through huggingface_hub.snapshot_download for real; offline, it serves
+    the repo from the local cache, which this test fills (no network here)."""
+    import json
+
+    from safetensors.torch import save as save_bytes
+
+    cache = tmp_path / "hub"
+    labels = [f"thing_{i}" for i in range(CLASSES)]
+    timm_config = {"architecture": "vit_tiny_patch8_48", "num_classes": CLASSES, "global_pool": "token",
+                   "pretrained_cfg": {"input_size": [3, SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3,
+                                      "crop_pct": 0.9, "crop_mode": "center", "num_classes": CLASSES},
+                   "label_names": labels}
+    _hub_cache_repo(cache, "acme/vit-timm", {"config.json": json.dumps(timm_config).encode(),
+                                             "model.safetensors": save_bytes(timm_state_dict(hf))})
+    hf.save_pretrained(tmp_path / "hfdir")
+    _hub_cache_repo(cache, "acme/vit-hf", {p.name: p.read_bytes() for p in (tmp_path / "hfdir").iterdir()})
+    _hub_cache_repo(cache, "acme/vit-jax", {"ViT-T_8.npz": jax_npz(hf)})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    timm = load_checkpoint("hf://acme/vit-timm", heads=HEADS)
+    assert timm.labels == labels and timm.preprocess.crop_pct == 0.9 and timm.source == "hf://acme/vit-timm"
+    _assert_parity(timm, hf)
+    _assert_parity(load_checkpoint("hf://acme/vit-hf@main"), hf)
+    _assert_parity(load_checkpoint("hf://acme/vit-jax/ViT-T_8.npz"), hf)
+    with pytest.raises(CheckpointError, match="acme/missing.*HF_TOKEN"):
+        load_checkpoint("hf://acme/missing")
+    with pytest.raises(CheckpointError, match="expected hf://ORG/NAME"):
+        load_checkpoint("hf://just-a-name")
