@@ -3,7 +3,9 @@
     python -m benchmarks.engines --models vit_ti_16,vit_s_16,vit_b_16 --seconds 8
 
 Random seeded weights (no weights are downloaded); inputs are random uint8 images. The gate
-compares each engine with torch fp32 on the same 32 images, as the pipeline does before a run.
+compares each engine with torch fp32 on the same 32 images, as the pipeline does before a run;
+int8 is calibrated on 64 other images first (random weights have near-tied logits, so its
+top-1 agreement here says little about a trained model: see the int8 tests on digits).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-CONFIGS = [("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32")]
+CONFIGS = [("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = random_checkpoint(arch)
             S = ckpt.preprocess.image_size
             x = np.random.default_rng(0).integers(0, 255, (args.batch, S, S, 3), dtype=np.uint8)  # (B, S, S, 3)
+            calibration = np.random.default_rng(1).integers(0, 255, (64, S, S, 3), dtype=np.uint8)
             reference = TorchEngine(ckpt, "fp32", "cpu", args.threads)
             for backend, precision in CONFIGS:
                 built = build_engine(ckpt, backend, precision, "cpu", args.threads, max_batch=args.batch,
-                                     cache_uri=cache)
+                                     cache_uri=cache, calibration=calibration if precision == "int8" else None)
                 engine = built.engine
                 engine.run(x[:2])
                 t0, n = time.time(), 0
