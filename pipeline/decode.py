@@ -92,15 +92,17 @@ def _resize_target(w: int, h: int, pre: Preprocess) -> tuple[int, int]:
 
 
 def resize_and_crop(img: Image.Image, pre: Preprocess) -> Image.Image:
+    """Resize + center crop in one resample: only the source region that survives the crop is
+    resampled (Pillow's `box`), which halves the work for a 4:3 photo at crop_pct 0.875."""
     size = pre.image_size
-    target = _resize_target(*img.size, pre)
-    if img.size != target:
-        img = img.resize(target, Image.BICUBIC, reducing_gap=None)
-    if img.size == (size, size):
-        return img
     w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    tw, th = _resize_target(w, h, pre)
+    if (w, h) == (size, size) == (tw, th):
+        return img
+    left, top = (tw - size) // 2, (th - size) // 2  # the crop, in resized pixels
+    sx, sy = w / tw, h / th
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)  # the same, in source pixels
+    return img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=None)
 
 
 def is_image_name(name: str) -> bool:

@@ -8,6 +8,7 @@ plain function, so the stage is tested without Ray.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -63,28 +64,34 @@ def output_schema(embed_dim: int, outputs: OutputsSpec) -> pa.Schema:
     return pa.schema(fields)
 
 
-def decode_records(batch: pa.Table, pre: Preprocess) -> tuple[np.ndarray, dict[str, list]]:
-    """Decode every record of status "record"; failures turn into error columns, never raise."""
+def decode_records(batch: pa.Table, pre: Preprocess, pool: Executor | None = None) -> tuple[np.ndarray, dict[str, list]]:
+    """Decode every record of status "record"; failures turn into error columns, never raise.
+
+    With a pool, records decode in parallel (Pillow releases the GIL while decoding and
+    resampling), so the model does not wait on a single decoding core between batches."""
     cols = {c: batch.column(c).to_pylist() for c in ("status", "error_stage", "error_type", "error_message")}
     images = batch.column("image")
     S = pre.image_size
     pixels = np.zeros((batch.num_rows, S, S, 3), dtype=np.uint8)  # (B, S, S, 3)
-    for i, status in enumerate(cols["status"]):
-        if status != "record":
-            continue
+    todo = [i for i, status in enumerate(cols["status"]) if status == "record"]
+
+    def one(i: int) -> None:
         try:
             pixels[i] = decode_image(images[i].as_py(), pre)
             cols["status"][i] = "ok"
         except DecodeError as e:
             cols["status"][i], cols["error_stage"][i] = "error", "decode"
             cols["error_type"][i], cols["error_message"][i] = e.kind, str(e)
+
+    for _ in (pool.map(one, todo) if pool else map(one, todo)):
+        pass
     return pixels, cols
 
 
 def predict_batch(batch: pa.Table, engine: Engine, pre: Preprocess, labels: list[str],
-                  outputs: OutputsSpec) -> pa.Table:
+                  outputs: OutputsSpec, pool: Executor | None = None) -> pa.Table:
     """Records (RECORD_COLUMNS) -> output rows (output_schema): decode, run the engine, top-k."""
-    pixels, cols = decode_records(batch, pre)
+    pixels, cols = decode_records(batch, pre, pool)
     ok = np.flatnonzero(np.array(cols["status"]) == "ok")
     n = batch.num_rows
     data: dict[str, object] = {c: batch.column(c) for c in PASS_THROUGH} | cols
@@ -186,6 +193,7 @@ class Predictor:
                              calibration=calibration)
         self.engine = built.engine
         self.outputs = spec.outputs
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs)
+        return predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs, self.pool)
