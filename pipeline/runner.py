@@ -295,7 +295,10 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     first_row_s = None
     bar = tqdm(desc=spec.name, unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)
     try:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        # prefetch 0: a finished shard's rows reach the sink as soon as they exist; with Ray's default
+        # (1) the driver held each block until the next one arrived, a shard late (first row 10-11 s
+        # -> 8.2 s in the 2,000-image benchmark)
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             if first_row_s is None:
                 first_row_s = time.time() - t0
             sink.write(table)
