@@ -59,6 +59,7 @@ class Monitor:
     def __init__(self, interval: float = 1.0):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
         self.proc = psutil.Process()
+        self.node_cpu: dict[int, dict[int, float]] = {}  # raylet pid -> {process pid: CPU seconds}, cumulative
 
     def __enter__(self) -> Monitor:
         psutil.cpu_percent()
@@ -79,13 +80,36 @@ class Monitor:
                 with contextlib.suppress(psutil.Error):
                     rss += p.memory_full_info().pss
             self.peak = max(self.peak, rss)
+            self._sample_nodes(procs)
             self._stop.wait(self.interval)
+
+    def _sample_nodes(self, procs: list[psutil.Process]) -> None:
+        """CPU seconds of each Ray node's processes (a ray.cluster_utils.Cluster runs one raylet
+        per node, and a node's workers are that raylet's children)."""
+        for raylet in (p for p in procs if _name(p) == "raylet"):
+            seen = self.node_cpu.setdefault(raylet.pid, {})
+            with contextlib.suppress(psutil.Error):
+                for w in [raylet, *raylet.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        t = w.cpu_times()
+                        seen[w.pid] = t.user + t.system
+
+    def node_shares(self) -> list[float]:
+        """Each node's CPU seconds during the run, head first."""
+        return [round(sum(v.values()), 1) for _, v in sorted(self.node_cpu.items())]
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self.thread.join()
         self.seconds = time.time() - self.t0
         self.cpu = psutil.cpu_percent() / 100.0
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
 
 
 class FirstFile:
@@ -194,7 +218,15 @@ def bench_vitpipe(fs, src: str, arch: str, precision: str, batch: int, tag: str)
                   round(report.records_read / mon.seconds, 2), mon.peak / 1e6, round(mon.cpu, 2),
                   report.time_to_first_row_s, files, mb,
                   note=f"{report.actors} actor(s) x {report.threads_per_actor} threads, {report.error_rows} errors"
-                       + gate_note)
+                       + gate_note + _nodes_note(mon))
+
+
+def _nodes_note(mon: Monitor) -> str:
+    shares = mon.node_shares()
+    if len(shares) < 2:
+        return ""
+    total = sum(shares) or 1.0
+    return ", CPU-s by node " + " / ".join(f"{s} ({s / total:.0%})" for s in shares)
 
 
 # --- (c) the plain Ray Data recipe --------------------------------------------------------------------
@@ -336,7 +368,9 @@ def bench_dataloader(fs, src: str, ckpt, precision: str, batch: int, tag: str) -
 def markdown(results: list[Result], meta: dict) -> str:
     lines = [f"# vitpipe benchmark: {meta['when']}", "",
              f"Machine: {meta['machine']}; images: {meta['images']} JPEGs, 200-2,000 px, in tar shards on "
-             "SeaweedFS S3 (loopback); batch size {batch}.".format(batch=meta["batch"]), "",
+             "SeaweedFS S3 (loopback); batch size {batch}; Ray: {ray}.".format(
+                 batch=meta["batch"], ray="local" if meta.get("nodes", 1) <= 1
+                 else f"ray.cluster_utils.Cluster, {meta['nodes']} nodes splitting the CPUs"), "",
              "| approach | model | precision | images | s | images/s | vs engine (b/a) | vitpipe / this | "
              "peak RSS MB | CPU util | first row s | files | MB/file | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -363,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results", help="where the JSON and Markdown go")
     p.add_argument("--name", default="bench", help="file name stem of the results")
     p.add_argument("--engine-seconds", type=float, default=10.0, help="how long (a) runs [10]")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="1: a local Ray; N > 1: a ray.cluster_utils.Cluster of N nodes splitting this machine's "
+                        "CPUs (vitpipe's table row then says how CPU time divided between the nodes) [1]")
     p.add_argument("--s3", choices=["local", "env"], default="local",
                    help="local: start SeaweedFS on 127.0.0.1 [default]; env: use the S3 that AWS_ENDPOINT_URL names")
     args = p.parse_args(argv)
@@ -385,8 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.time()
                 src = write_input(fs, make_jpegs(args.images))
                 print(f"input: {args.images} JPEGs in {src} ({time.time() - t:.0f} s to make)", flush=True)
-                ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                         logging_level="WARNING")
+                cluster = start_ray(args.nodes)
                 ctx = ray.data.DataContext.get_current()
                 ctx.enable_progress_bars = False
                 for arch in args.models.split(","):
@@ -405,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                                 print(json.dumps(asdict(r)), flush=True)
                                 write_results(args, results)  # a later failure keeps what was measured
                 ray.shutdown()
+                if cluster:
+                    cluster.shutdown()
         finally:
             if server:
                 server.stop()
@@ -412,8 +450,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def start_ray(nodes: int):
+    """A local Ray, or a Cluster of `nodes` nodes that split this machine's CPUs; returns the Cluster."""
+    import ray
+
+    if nodes <= 1:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+        return None
+    from ray.cluster_utils import Cluster
+
+    cpus = max(1, (os.cpu_count() or 1) // nodes)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=cpus)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    return cluster
+
+
 def write_results(args: argparse.Namespace, results: list[Result]) -> str:
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "images": args.images, "batch": args.batch,
+            "nodes": args.nodes,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.processor() or 'cpu'}"}
     out = Path(args.out)

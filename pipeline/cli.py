@@ -307,11 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("uri", help="the output directory (any fsspec URI)")
     insp.add_argument("--rows", type=int, default=5, help="how many rows to show [5]")
     insp.set_defaults(fn=cmd_inspect)
+
+    sub.add_parser("bench", help="the side-by-side throughput benchmark (from a source checkout; "
+                                 "`vitpipe bench --help` for its options)", add_help=False)
     return p
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The benchmark lives in the repository's benchmarks/ (not in the installed package)."""
+    if os.path.exists(os.path.join("benchmarks", "bench.py")) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        from benchmarks import bench
+    except ImportError:
+        raise RuntimeError("vitpipe bench runs benchmarks/bench.py from a source checkout: run it from the "
+                           "repository root (or: python -m benchmarks.bench --help)") from None
+    return bench.main(args.bench_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every option belongs to the benchmark: pass them through untouched
+        args = argparse.Namespace(command="bench", fn=cmd_bench, bench_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except JobSpecError as e:

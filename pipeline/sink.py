@@ -158,14 +158,15 @@ class ParquetSink:
         self.lease.acquire()
         self.shards = {shard_key(s.uri): s for s in shards}
         entries = self.ledger.entries()
+        listing = self._listing()
         todo, adopted, kept = [], [], []
         for key, s in self.shards.items():
             e = entries.get(key)
             if e and e.matches(s.etag, self.model_id):
-                if e.state == "pending" and self._files_exist(e):
+                if e.state == "pending" and self._files_exist(e, listing):
                     adopted.append(e)
                     continue
-                if e.state == "committed" and self.out.mode != "full" and self._files_exist(e):
+                if e.state == "committed" and self.out.mode != "full" and self._files_exist(e, listing):
                     kept.append(e)
                     continue
             todo.append(s)
@@ -271,8 +272,9 @@ class ParquetSink:
             for key in set(old) - set(final):
                 self.ledger.delete(key)
         else:
+            listing = self._listing()
             for key, e in old.items():
-                if key not in final and e.state == "committed" and self._files_exist(e):
+                if key not in final and e.state == "committed" and self._files_exist(e, listing):
                     final[key] = e  # incremental keeps shards it did not list this time
                 elif key not in final:
                     self.ledger.delete(key)
@@ -315,9 +317,18 @@ class ParquetSink:
             remove_tree(self.fs, f"{self.root}/_pending")
         self.fs.invalidate_cache()
 
-    def _files_exist(self, e: ShardEntry) -> bool:
+    def _listing(self) -> set[str]:
+        """Every file under the output from one recursive listing: on S3 one LIST per 1,000 keys,
+        not a HEAD per file (a nightly output of 10,000 shards has 10,000+ files)."""
+        self.fs.invalidate_cache()
+        try:
+            return {p.rstrip("/") for p in self.fs.find(self.root)}
+        except FileNotFoundError:
+            return set()
+
+    def _files_exist(self, e: ShardEntry, listing: set[str]) -> bool:
         base = self.root if e.state == "committed" else f"{self.root}/_pending/{e.run_id}"
-        return all(self.fs.exists(f"{base}/{f['path']}") for f in e.files)
+        return all(f"{base}/{f['path']}" in listing for f in e.files)
 
     def _write_json(self, name: str, obj: dict) -> None:
         path = f"{self.root}/{name}"

@@ -23,3 +23,16 @@ def test_benchmark_produces_its_table(s3_server, tmp_path):
         assert f"| {approach} |" in table
     results = json.loads((tmp_path / "smoke.json").read_text())["results"]
     assert {r["images"] for r in results if r["approach"] != "a engine"} == {24}
+
+
+def test_vitpipe_bench_on_a_two_node_cluster_says_how_work_divides(s3_server, tmp_path):
+    """`vitpipe bench` passes its options through; --nodes 2 runs vitpipe on a ray.cluster_utils.Cluster."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--images", "24", "--precisions", "fp32",
+                        "--only", "b", "--nodes", "2", "--s3", "env", "--out", str(tmp_path), "--name", "nodes"],
+                       capture_output=True, text=True, timeout=600, env=os.environ | s3_server, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (tmp_path / "nodes.md").read_text()
+    assert "Cluster, 2 nodes" in table
+    row = next(line for line in table.splitlines() if line.startswith("| b vitpipe |"))
+    assert "2 actor(s)" in row and row.count("%)") == 2  # CPU seconds of each node, with its share
