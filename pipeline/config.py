@@ -73,9 +73,10 @@ class GateSpec(Spec):
 class EngineSpec(Spec):
     backend: Literal["auto", "torch", "onnx", "tensorrt"] = Field(
         "torch", description="auto: TensorRT on a GPU when installed, else torch CUDA, else the fastest CPU engine.")
-    precision: Literal["fp32", "bf16", "fp16", "int8"] = Field(
-        "fp32", description="Compute precision. fp16 needs a GPU; int8 (backend onnx or tensorrt) is calibrated "
-                            "on the job's own images first, then gated like the others.")
+    precision: Literal["fp32", "bf16", "fp16", "int8", "fp8"] = Field(
+        "fp32", description="Compute precision. fp16 needs a GPU; int8 (backend onnx or tensorrt) and fp8 "
+                            "(tensorrt, compute capability >= 8.9) are calibrated on the job's own images first, "
+                            "then gated like the others.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor has a GPU, else cpu.")
     batch_size: int = Field(32, ge=1, le=4096, description="Images per model call (and TensorRT's max batch).")
     compile: bool = Field(False, description="torch backend: torch.compile the model.")
@@ -90,6 +91,9 @@ class EngineSpec(Spec):
     def _quantized_backend(self) -> EngineSpec:
         if self.precision == "int8" and self.backend == "torch":
             raise ValueError("engine.precision int8 runs on backend onnx or tensorrt (or auto), not torch")
+        if self.precision == "fp8" and self.backend not in ("tensorrt", "auto"):
+            raise ValueError("engine.precision fp8 runs only on backend tensorrt (or auto), on a GPU of compute "
+                             "capability 8.9 or newer")
         return self
 
 

@@ -159,7 +159,7 @@ def needs_gate(spec: JobSpec) -> bool:
 def check_engine(job: dict, images: np.ndarray, threads: int, calibration: np.ndarray | None = None) -> dict:
     """Build the job's engine where it will run (filling the cache), then gate it against torch fp32.
 
-    images: the gate's batch; calibration: the int8 calibration batch (other images)."""
+    images: the gate's batch; calibration: the int8/fp8 calibration batch (other images)."""
     from pipeline.engines.gate import compare
     from pipeline.engines.torch_engine import TorchEngine
 
@@ -184,7 +184,7 @@ class Predictor:
         e = spec.engine
         self.ckpt: Checkpoint = load_model(spec)
         # `backend` is what the driver's gate step resolved `auto` to, so all actors agree;
-        # `calibration` ([a Ray object ref]) is the same int8 batch the gate step calibrated on,
+        # `calibration` ([a Ray object ref]) is the same int8/fp8 batch the gate step calibrated on,
         # so an actor that misses the cache (another node's disk) builds the same graph.
         if isinstance(calibration, list):
             calibration = ray.get(calibration[0])

@@ -166,7 +166,7 @@ def prepare_engine(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: P
     """Resolve the backend, build (and cache) the engine, and run the accuracy gate, on a worker
     with the model actors' resources, before any bulk work. Raises GateError on a miss.
 
-    Returns the engine check (for the report and manifest) and, for int8, the calibration
+    Returns the engine check (for the report and manifest) and, for int8/fp8, the calibration
     batch: the first engine.calibration_samples images of the job; the gate uses the ones after."""
     e = spec.engine
     if not needs_gate(spec) and e.backend == "torch":

@@ -61,12 +61,40 @@ def _hf_weights(hf) -> dict[str, torch.Tensor]:
     return out
 
 
+def hf_from_ours(ckpt, labels: list[str]):
+    """A transformers ViT holding our checkpoint's weights: how the job-spec tests get an HF
+    directory and a JAX .npz of the trained digits model (written by save_pretrained / jax_npz)."""
+    c, sd = ckpt.config, ckpt.state_dict
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=c.dim, num_hidden_layers=c.depth, num_attention_heads=c.heads, intermediate_size=c.mlp_dim,
+        image_size=c.image_size, patch_size=c.patch_size, num_labels=c.num_classes, layer_norm_eps=c.layer_norm_eps,
+        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})).eval()
+    w = _hf_weights(hf)
+    ours = {"cls": "cls_token", "pos": "pos_embed", "conv_w": "patch_embed.proj.weight",
+            "conv_b": "patch_embed.proj.bias", "norm_w": "norm.weight", "norm_b": "norm.bias",
+            "head_w": "head.weight", "head_b": "head.bias"}
+    with torch.no_grad():
+        for role, name in ours.items():
+            w[role].copy_(sd[name])
+        for i in range(c.depth):
+            b = f"blocks.{i}"
+            for role, name in (("ln1_w", "norm1.weight"), ("ln1_b", "norm1.bias"),
+                               ("ln2_w", "norm2.weight"), ("ln2_b", "norm2.bias")):
+                w[f"{i}.{role}"].copy_(sd[f"{b}.{name}"])
+            for kind in ("weight", "bias"):
+                for n, part in zip("qkv", sd[f"{b}.attn.qkv.{kind}"].chunk(3), strict=True):
+                    getattr(w[f"{i}.{n}"], kind).copy_(part)
+                for n, name in (("o", "attn.proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")):
+                    getattr(w[f"{i}.{n}"], kind).copy_(sd[f"{b}.{name}.{kind}"])
+    return hf
+
+
 def timm_state_dict(hf) -> dict[str, torch.Tensor]:
     w = _hf_weights(hf)
     sd = {"cls_token": w["cls"], "pos_embed": w["pos"], "patch_embed.proj.weight": w["conv_w"],
           "patch_embed.proj.bias": w["conv_b"], "norm.weight": w["norm_w"], "norm.bias": w["norm_b"],
           "head.weight": w["head_w"], "head.bias": w["head_b"]}
-    for i in range(LAYERS):
+    for i in range(hf.config.num_hidden_layers):
         b = f"blocks.{i}"
         sd |= {f"{b}.norm1.weight": w[f"{i}.ln1_w"], f"{b}.norm1.bias": w[f"{i}.ln1_b"],
                f"{b}.norm2.weight": w[f"{i}.ln2_w"], f"{b}.norm2.bias": w[f"{i}.ln2_b"],
@@ -85,8 +113,9 @@ def jax_npz(hf) -> bytes:
               "embedding/kernel": w["conv_w"].transpose(2, 3, 1, 0), "embedding/bias": w["conv_b"],
               "Transformer/encoder_norm/scale": w["norm_w"], "Transformer/encoder_norm/bias": w["norm_b"],
               "head/kernel": w["head_w"].T, "head/bias": w["head_b"]}
+    D, HEADS = hf.config.hidden_size, hf.config.num_attention_heads  # noqa: N806 (the module's names)
     hd = D // HEADS
-    for i in range(LAYERS):
+    for i in range(hf.config.num_hidden_layers):
         b = f"Transformer/encoderblock_{i}"
         att = f"{b}/MultiHeadDotProductAttention_1"
         arrays |= {f"{b}/LayerNorm_0/scale": w[f"{i}.ln1_w"], f"{b}/LayerNorm_0/bias": w[f"{i}.ln1_b"],

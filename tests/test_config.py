@@ -37,7 +37,7 @@ def test_defaults_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("patch,expect", [
-    ({"engine": {"precision": "int4"}}, ["engine.precision", "'fp32', 'bf16', 'fp16' or 'int8'", "int4"]),
+    ({"engine": {"precision": "int4"}}, ["engine.precision", "'fp32', 'bf16', 'fp16', 'int8' or 'fp8'", "int4"]),
     ({"engine": {"batchsize": 8}}, ["engine.batchsize: unknown key"]),
     ({"source": {"uri": "x", "format": "zip"}}, ["source.format", "'webdataset', 'images' or 'parquet'"]),
     ({"outputs": {"top_k": -1}}, ["outputs.top_k", "greater than or equal to 0"]),
@@ -76,10 +76,10 @@ def test_spec_reference_lists_every_field():
 
 
 def test_cli_rejects_bad_spec_before_starting_ray(tmp_path):
-    p = _write(tmp_path, {**GOOD, "engine": {"precision": "fp8"}})
+    p = _write(tmp_path, {**GOOD, "engine": {"precision": "int4"}})
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(p)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert "engine.precision" in r.stderr and "fp8" in r.stderr
+    assert "engine.precision" in r.stderr and "int4" in r.stderr
     assert "Traceback" not in r.stderr
     assert time.time() - t < 60

@@ -243,13 +243,48 @@ def test_int8_cache_key_includes_the_calibration_batch(tmp_path, digits):
     assert np.array_equal(first.engine.run(held_out[:8])[1], again.engine.run(held_out[:8])[1])
 
 
+def test_fp8_graph_for_tensorrt_runs_on_onnx_runtime(digits):
+    """FP8 engines run only on TensorRT (compute capability >= 8.9); the graph it is built from is
+    checked here: e4m3 Q/DQ pairs on both inputs of every MatMul, amax scales, and ONNX Runtime's
+    (emulated) run of it close to torch fp32 on images it was not calibrated on."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from pipeline.engines.quantize import E4M3_MAX, quantize_onnx
+
+    ckpt, calibration, held_out = digits
+    q = quantize_onnx(onnx_bytes(ckpt), calibration, "fp8")
+    model = onnx.load_from_string(q)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(by_output[i].op_type == "DequantizeLinear" for n in matmuls for i in n.input[:2])
+    inits = {t.name: t for t in model.graph.initializer}
+    assert inits["fp8_zero_point"].data_type == onnx.TensorProto.FLOAT8E4M3FN
+    weight = next(i for n in matmuls for i in n.input[1:2] if i.endswith("/fp8_dq"))
+    w_name = weight.removesuffix("/fp8_dq")
+    if w_name in inits:  # a weight's scale is its own amax / 448
+        amax = np.abs(numpy_helper.to_array(inits[w_name])).max()
+        assert np.isclose(numpy_helper.to_array(inits[f"{w_name}/fp8_scale"]), amax / E4M3_MAX)
+    emb = ort.InferenceSession(q, providers=["CPUExecutionProvider"]).run(["embeddings"], {"images": held_out})[0]
+    ref = TorchEngine(ckpt, "fp32", "cpu", 1).run(held_out)[0]
+    cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
+    assert 0.998 < cos.mean() < 0.99999, cos.mean()  # close to fp32, and really quantized
+
+
 def test_quantized_precisions_name_their_backends(small_ckpt):
     from pipeline.config import EngineSpec
 
     with pytest.raises(ValueError, match="int8 runs on backend onnx or tensorrt"):
         EngineSpec(backend="torch", precision="int8")
-    with pytest.raises(ValueError, match="fp8"):
-        EngineSpec(backend="tensorrt", precision="fp8")
+    with pytest.raises(ValueError, match="fp8 runs only on backend tensorrt"):
+        EngineSpec(backend="onnx", precision="fp8")
+    assert EngineSpec(backend="auto", precision="fp8").precision == "fp8"
+    assert resolve_backend("auto", "fp8", "cpu") == ("tensorrt", "auto: fp8 runs only as a TensorRT engine")
+    if not TRT_OK:
+        with pytest.raises(RuntimeError, match="fp8 needs TensorRT on a GPU"):
+            build_engine(small_ckpt, "auto", "fp8", "cpu", 1, calibration=np.zeros((1, 64, 64, 3), np.uint8))
     assert resolve_backend("auto", "int8", "cpu")[0] == "onnx"
     with pytest.raises(ValueError, match="needs calibration images"):
         build_engine(small_ckpt, "onnx", "int8", "cpu", 1)
@@ -257,10 +292,15 @@ def test_quantized_precisions_name_their_backends(small_ckpt):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not TRT_OK, reason=f"TensorRT backend needs tensorrt and a CUDA GPU: {TRT_WHY}")
-def test_tensorrt_int8_from_the_calibrated_graph_passes_the_gate(tmp_path, digits):
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_tensorrt_quantized_from_the_calibrated_graph_passes_the_gate(tmp_path, digits, precision):
+    from pipeline.engines.base import gpu_capability
+
+    if precision == "fp8" and int(gpu_capability()[3:]) < 89:
+        pytest.skip(f"fp8 needs compute capability >= 8.9; this GPU is {gpu_capability()}")
     ckpt, calibration, held_out = digits
-    built = build_engine(ckpt, "tensorrt", "int8", "cuda", 1, max_batch=32, cache_uri=str(tmp_path),
+    built = build_engine(ckpt, "tensorrt", precision, "cuda", 1, max_batch=32, cache_uri=str(tmp_path),
                          calibration=calibration)
-    assert built.engine.info.precision == "int8" and "plan: built" in built.cache
+    assert built.engine.info.precision == precision and "plan: built" in built.cache
     result = compare(TorchEngine(ckpt, "fp32", "cuda", 1), built.engine, held_out, min_cosine=0.995, min_top1=0.95)
     assert result.passed, result.describe()

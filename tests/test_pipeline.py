@@ -198,6 +198,34 @@ def test_gate_miss_stops_the_job_before_any_output(ray_cluster, tmp_path):
     assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
 
 
+@pytest.mark.parametrize("fmt", ["hf_dir", "jax_npz"])
+def test_an_hf_directory_or_a_jax_npz_labels_real_images_through_a_job_spec(ray_cluster, tmp_path, fmt):
+    """The trained digits model written as a transformers directory (save_pretrained) and as a
+    google-research .npz, each named in model.checkpoint of a job spec that labels real images."""
+    pytest.importorskip("transformers")
+    from test_checkpoints import hf_from_ours, jax_npz
+
+    from pipeline.demo import LABELS
+    from pipeline.model.checkpoints import load_checkpoint
+
+    hf = hf_from_ours(load_checkpoint("builtin:digits"), LABELS)
+    if fmt == "hf_dir":
+        hf.save_pretrained(tmp_path / "vit-digits")
+        (tmp_path / "vit-digits" / "preprocessor_config.json").write_text(json.dumps(
+            {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": 32, "width": 32}}))
+        model = {"checkpoint": str(tmp_path / "vit-digits")}
+    else:
+        (tmp_path / "ViT-digits.npz").write_bytes(jax_npz(hf))
+        (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n")
+        model = {"checkpoint": str(tmp_path / "ViT-digits.npz"), "labels": str(tmp_path / "labels.txt")}
+    write_shards(digit_jpegs("test")[:120], str(tmp_path / "in"), n_shards=2)
+    report = run_job(_spec(str(tmp_path / "in"), str(tmp_path / "out"), model=model))
+    assert report.model_source == model["checkpoint"] and report.ok_rows == 120
+    assert report.top1_accuracy > 0.9  # the same weights and preprocessing as the demo model (0.98)
+    names = pl.read_parquet(str(tmp_path / "out" / "part-*.parquet"))["topk_labels"].list.first().unique().to_list()
+    assert set(names) <= set(LABELS) and len(names) > 5
+
+
 def test_a_timm_file_labels_real_images_through_a_job_spec(ray_cluster, tmp_path):
     """A plain timm-layout state dict (no vitpipe metadata) named in model.checkpoint, with labels from a file."""
     from safetensors.torch import save_file

@@ -18,7 +18,7 @@ from pipeline.model.checkpoints import Checkpoint
 class EngineInfo:
     backend: str  # "torch", "onnx", "tensorrt"
     device: str  # "cpu", "cuda:0"
-    precision: str  # "fp32", "bf16", "fp16", "int8"
+    precision: str  # "fp32", "bf16", "fp16", "int8", "fp8"
     threads: int
     version: str  # the backend library's version, for caches and provenance
 
@@ -69,6 +69,8 @@ def resolve_backend(backend: str, precision: str, device: str) -> tuple[str, str
     gpu = device != "cpu" and gpu_capability() is not None
     if backend != "auto":
         return backend, "asked for in the job spec"
+    if precision == "fp8":
+        return "tensorrt", "auto: fp8 runs only as a TensorRT engine"
     if gpu:
         from pipeline.engines.tensorrt_engine import tensorrt_available
 
@@ -96,7 +98,7 @@ def build_engine(ckpt: Checkpoint, backend: str, precision: str, device: str, th
                  calibration: np.ndarray | None = None) -> BuiltEngine:
     """The engine a job spec asks for; compiled artifacts come from (and go to) the engine cache.
 
-    `calibration` (N, S, S, 3) uint8 is needed for int8 only: the activation ranges of the
+    `calibration` (N, S, S, 3) uint8 is needed for int8/fp8 only: the activation ranges of the
     Q/DQ graph are measured on it (quantize.py), and its digest is part of the cache key.
     """
     from pipeline.engines.quantize import QUANTIZED
@@ -145,8 +147,14 @@ def build_engine(ckpt: Checkpoint, backend: str, precision: str, device: str, th
 
         ok, version = tensorrt_available()
         if not ok:
+            if precision == "fp8":
+                raise RuntimeError(f"engine.precision fp8 needs TensorRT on a GPU, not usable here: {version}; "
+                                   "use fp32 or bf16 (or int8 with backend onnx) on this machine")
             raise RuntimeError(f"engine.backend tensorrt is not usable here: {version}; use backend auto or torch")
         cc = gpu_capability()
+        if precision == "fp8" and (cc is None or int(cc[3:]) < 89):
+            raise ValueError(f"engine.precision fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, "
+                             f"Blackwell); this one is {cc}; use int8, fp16 or bf16")
         key = CacheKey(model_id, "tensorrt", version, precision_key, max_batch, cc or "none")
         plan = cache.get_or_build(key, lambda: build_engine_bytes(onnx.data, max_batch)[0])
         engine = TensorRTEngine(ckpt, plan.data, precision, max_batch)

@@ -26,7 +26,7 @@ OPSET = 18
 def export_onnx(ckpt: Checkpoint, path: str, precision: str = "fp32") -> str:
     """Write the model, normalization included, as ONNX with a dynamic batch axis.
 
-    precision is fp32, bf16 or fp16; int8 graphs are made from the fp32 one by quantize.py."""
+    precision is fp32, bf16 or fp16; int8/fp8 graphs are made from the fp32 one by quantize.py."""
     model = UInt8ViT(ckpt, DTYPES[precision]).eval()
     S = ckpt.preprocess.image_size
     example = torch.zeros(2, S, S, 3, dtype=torch.uint8)  # (B, S, S, 3)
@@ -61,6 +61,8 @@ class OnnxEngine:
                  model_bytes: bytes | None = None):
         import onnxruntime as ort
 
+        if precision == "fp8":
+            raise ValueError("engine.precision fp8 runs only as a TensorRT engine (backend tensorrt or auto)")
         if model_bytes is None and precision not in DTYPES:
             raise ValueError(f"an {precision} ONNX graph is made by the calibration step: use build_engine "
                              "with calibration images")
