@@ -158,14 +158,30 @@ def write_input(fs, jpegs: list[bytes], per_shard: int = 100) -> str:
     if fs.exists(prefix) and len(fs.find(prefix)) == -(-len(jpegs) // per_shard):
         return f"s3://{prefix}/"
     for s in range(0, len(jpegs), per_shard):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for i in range(s, min(s + per_shard, len(jpegs))):
-                info = tarfile.TarInfo(f"img{i:07d}.jpg")
-                info.size = len(jpegs[i])
-                tar.addfile(info, io.BytesIO(jpegs[i]))
-        fs.pipe(f"{prefix}/shard-{s // per_shard:05d}.tar", buf.getvalue())
+        _put_shard(fs, f"{prefix}/shard-{s // per_shard:05d}.tar", jpegs[s : s + per_shard], first=s)
     return f"s3://{prefix}/"
+
+
+def generate_input(fs, n: int, per_shard: int = 100) -> str:
+    """n images made and uploaded a shard at a time: the benchmark process never holds them all
+    (20,000 JPEGs are ~1.7 GB, which would sit in this process and inflate every peak-memory figure)."""
+    prefix = f"{BUCKET}/input/gen{n}"
+    if fs.exists(prefix) and len(fs.find(prefix)) == -(-n // per_shard):
+        return f"s3://{prefix}/"
+    for s in range(0, n, per_shard):
+        jpegs = make_jpegs(min(per_shard, n - s), seed=s // per_shard)
+        _put_shard(fs, f"{prefix}/shard-{s // per_shard:05d}.tar", jpegs, first=s)
+    return f"s3://{prefix}/"
+
+
+def _put_shard(fs, path: str, jpegs: list[bytes], first: int) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i, data in enumerate(jpegs, start=first):
+            info = tarfile.TarInfo(f"img{i:07d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    fs.pipe(path, buf.getvalue())
 
 
 def output_files(fs, prefix: str) -> tuple[int, float]:
@@ -420,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not fs.exists(BUCKET):
                     fs.mkdir(BUCKET)
                 t = time.time()
-                src = write_input(fs, make_jpegs(args.images))
+                src = generate_input(fs, args.images)
                 print(f"input: {args.images} JPEGs in {src} ({time.time() - t:.0f} s to make)", flush=True)
                 cluster = start_ray(args.nodes)
                 ctx = ray.data.DataContext.get_current()
