@@ -290,6 +290,10 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     ctx.print_on_execution_start = False
     ctx.execution_no_progress_timeout_s = spec.ray.stall_timeout_s  # bounded: a stuck stage fails the run
     plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    # Without a cap, Ray Data lets reads run ahead into half the object store: at 20,000 images the
+    # benchmark's peak memory was 41% above the 2,000-image run; with it, memory stays flat.
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=plan.actors * spec.resources.buffer_mb_per_actor * 2**20)
     engine_check, calibration = prepare_engine(spec, ckpt, todo, plan)
     ds = build_dataset(spec, todo, plan, engine_check["backend"], calibration)
     first_row_s = None

@@ -304,3 +304,14 @@ def test_tensorrt_quantized_from_the_calibrated_graph_passes_the_gate(tmp_path, 
     assert built.engine.info.precision == precision and "plan: built" in built.cache
     result = compare(TorchEngine(ckpt, "fp32", "cuda", 1), built.engine, held_out, min_cosine=0.995, min_top1=0.95)
     assert result.passed, result.describe()
+
+
+def test_cache_put_replaces_an_entry_and_a_torn_replace_reads_as_a_miss(tmp_path):
+    cache = EngineCache(str(tmp_path))
+    key = CacheKey("any-model", "tensorrt-timing-cache", "10.0", "any", 0, "sm_90")
+    cache.put(key, b"timings v1")
+    cache.put(key, b"timings v2, longer")
+    assert cache.load(key) == (b"timings v2, longer", "hit")
+    (tmp_path / f"{key.name}.bin").write_bytes(b"timings v3")  # .bin replaced, .json not yet
+    data, why = cache.load(key)
+    assert data is None and why.startswith("checksum mismatch")

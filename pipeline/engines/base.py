@@ -156,7 +156,17 @@ def build_engine(ckpt: Checkpoint, backend: str, precision: str, device: str, th
             raise ValueError(f"engine.precision fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, "
                              f"Blackwell); this one is {cc}; use int8, fp16 or bf16")
         key = CacheKey(model_id, "tensorrt", version, precision_key, max_batch, cc or "none")
-        plan = cache.get_or_build(key, lambda: build_engine_bytes(onnx.data, max_batch)[0])
+        # One timing cache per TensorRT version and GPU type, shared by every model and batch size:
+        # ViT-S and ViT-B reuse each other's kernel timings, so a second build takes far less time.
+        timing_key = CacheKey("any-model", "tensorrt-timing-cache", version, "any", 0, cc or "none")
+
+        def build_plan() -> bytes:
+            timing, _ = cache.load(timing_key)
+            plan, timing = build_engine_bytes(onnx.data, max_batch, timing_cache=timing)
+            cache.put(timing_key, timing)
+            return plan
+
+        plan = cache.get_or_build(key, build_plan)
         engine = TensorRTEngine(ckpt, plan.data, precision, max_batch)
         return BuiltEngine(engine, backend, reason, f"{status}; plan: {plan.status}")
     raise ValueError(f"engine.backend {backend!r} is not available; allowed: auto, torch, onnx, tensorrt")

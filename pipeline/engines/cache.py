@@ -109,6 +109,12 @@ class EngineCache:
                 raise TimeoutError(f"engine cache: waited {self.wait_s:.0f} s for {key.name} to be built "
                                    f"by another worker; remove {lock_path} if no build is running")
 
+    def put(self, key: CacheKey, data: bytes) -> None:
+        """Store (or replace) an entry outside the build-once protocol: for artifacts that only
+        speed builds up, like TensorRT's timing cache. A reader racing a replace sees a checksum
+        mismatch, i.e. a miss, never a wrong artifact."""
+        self._store(key, data)
+
     def _store(self, key: CacheKey, data: bytes) -> None:
         data_path, meta_path, _ = self._paths(key)
         self.fs.makedirs(self.root, exist_ok=True)
