@@ -155,7 +155,7 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 def write_input(fs, jpegs: list[bytes], per_shard: int = 100) -> str:
     prefix = f"{BUCKET}/input/n{len(jpegs)}"
-    if fs.exists(prefix) and len(fs.find(prefix)) == -(-len(jpegs) // per_shard):
+    if _already_there(fs, prefix, len(jpegs), per_shard):
         return f"s3://{prefix}/"
     for s in range(0, len(jpegs), per_shard):
         _put_shard(fs, f"{prefix}/shard-{s // per_shard:05d}.tar", jpegs[s : s + per_shard], first=s)
@@ -166,12 +166,17 @@ def generate_input(fs, n: int, per_shard: int = 100) -> str:
     """n images made and uploaded a shard at a time: the benchmark process never holds them all
     (20,000 JPEGs are ~1.7 GB, which would sit in this process and inflate every peak-memory figure)."""
     prefix = f"{BUCKET}/input/gen{n}"
-    if fs.exists(prefix) and len(fs.find(prefix)) == -(-n // per_shard):
+    if _already_there(fs, prefix, n, per_shard):
         return f"s3://{prefix}/"
     for s in range(0, n, per_shard):
         jpegs = make_jpegs(min(per_shard, n - s), seed=s // per_shard)
         _put_shard(fs, f"{prefix}/shard-{s // per_shard:05d}.tar", jpegs, first=s)
     return f"s3://{prefix}/"
+
+
+def _already_there(fs, prefix: str, n: int, per_shard: int) -> bool:
+    """An input made by an earlier run against the same server: every shard is in place."""
+    return fs.exists(prefix) and len(fs.find(prefix)) == -(-n // per_shard)
 
 
 def _put_shard(fs, path: str, jpegs: list[bytes], first: int) -> None:

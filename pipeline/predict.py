@@ -83,8 +83,7 @@ def decode_records(batch: pa.Table, pre: Preprocess, pool: Executor | None = Non
             cols["status"][i], cols["error_stage"][i] = "error", "decode"
             cols["error_type"][i], cols["error_message"][i] = e.kind, str(e)
 
-    for _ in (pool.map(one, todo) if pool else map(one, todo)):
-        pass
+    list(pool.map(one, todo) if pool else map(one, todo))
     return pixels, cols
 
 
@@ -184,10 +183,11 @@ class Predictor:
         e = spec.engine
         self.ckpt: Checkpoint = load_model(spec)
         # `backend` is what the driver's gate step resolved `auto` to, so all actors agree;
-        # `calibration` ([a Ray object ref]) is the same int8/fp8 batch the gate step calibrated on,
-        # so an actor that misses the cache (another node's disk) builds the same graph.
-        if isinstance(calibration, list):
-            calibration = ray.get(calibration[0])
+        # `calibration` (a Ray object ref: Ray Data keeps constructor kwargs inside its own pickled
+        # state, so refs there are not resolved for us) is the int8/fp8 batch the gate step calibrated
+        # on: its digest keys the cached graph, and an actor that misses the cache builds the same one.
+        if isinstance(calibration, ray.ObjectRef):
+            calibration = ray.get(calibration)
         built = build_engine(self.ckpt, backend or e.backend, e.precision, e.device, threads,
                              max_batch=e.batch_size, cache_uri=e.cache_uri, compile=e.compile,
                              calibration=calibration)

@@ -201,9 +201,7 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str,
     return ds.map_batches(
         Predictor, batch_size=spec.engine.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads, "backend": backend,
-                               # nested in a list: the actor fetches it (ray.get) only if it misses the
-                               # engine cache; a top-level ref would be pinned as a constructor argument
-                               "calibration": None if calibration is None else [ray.put(calibration)]},
+                               "calibration": None if calibration is None else ray.put(calibration)},
         # min 1, not a fixed size: when a node dies and its actor cannot be placed again, the run goes on
         # with the actors that remain instead of waiting for the lost capacity forever.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(plan.actors, len(shards)),
@@ -291,7 +289,7 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     ctx.execution_no_progress_timeout_s = spec.ray.stall_timeout_s  # bounded: a stuck stage fails the run
     plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]])
     # Without a cap, Ray Data lets reads run ahead into half the object store: at 20,000 images the
-    # benchmark's peak memory was 41% above the 2,000-image run; with it, memory stays flat.
+    # benchmark's peak memory was 45% above the 2,000-image run; with it, memory stays flat.
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=plan.actors * spec.resources.buffer_mb_per_actor * 2**20)
     engine_check, calibration = prepare_engine(spec, ckpt, todo, plan)

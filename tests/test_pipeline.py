@@ -181,7 +181,7 @@ def test_int8_is_calibrated_on_the_jobs_images_gated_and_labels_them(ray_cluster
     ckpt = load_model(spec)
     cal = calibration_images(spec, list_shards(spec.source), ckpt.preprocess, 48)
     job = spec.model_copy(update={"engine": spec.engine.model_copy(update={"cache_uri": str(tmp_path / "other")})})
-    actor = Predictor(job.model_dump(), threads=1, backend="onnx", calibration=[ray.put(cal)])
+    actor = Predictor(job.model_dump(), threads=1, backend="onnx", calibration=ray.put(cal))
     cached = build_engine(ckpt, "onnx", "int8", "cpu", 1, cache_uri=str(tmp_path / "engines"), calibration=cal)
     assert "Q/DQ graph (48 calibration images): hit" in cached.cache
     x = np.asarray(cal[:16])

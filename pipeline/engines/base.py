@@ -112,64 +112,68 @@ def build_engine(ckpt: Checkpoint, backend: str, precision: str, device: str, th
 
         return BuiltEngine(TorchEngine(ckpt, precision, device, threads, compile=compile), backend, reason)
 
+    if backend not in ("onnx", "tensorrt"):
+        raise ValueError(f"engine.backend {backend!r} is not available; allowed: auto, torch, onnx, tensorrt")
+    if backend == "tensorrt":  # refuse before any export or calibration work
+        trt_version, cc = _tensorrt_target(precision)
+
     from pipeline.engines.cache import CacheKey, EngineCache
     from pipeline.engines.onnx_engine import onnx_bytes
 
     cache = EngineCache(cache_uri)
     model_id = ckpt.model_id
     graph_precision = "fp32" if precision in QUANTIZED else precision  # quantized from the fp32 graph
-    onnx_key = CacheKey(model_id, "onnx", _version("torch"), graph_precision, 0, "any")
-    onnx = cache.get_or_build(onnx_key, lambda: onnx_bytes(ckpt, graph_precision))
-    status = f"onnx graph: {onnx.status}"
+    fp32_or_half = cache.get_or_build(CacheKey(model_id, "onnx", _version("torch"), graph_precision, 0, "any"),
+                                      lambda: onnx_bytes(ckpt, graph_precision))
+    graph, variant, status = fp32_or_half.data, precision, f"onnx graph: {fp32_or_half.status}"
     if precision in QUANTIZED:
         from pipeline.engines.quantize import calibration_id, quantize_onnx
 
         if calibration is None:
             raise ValueError(f"engine.precision {precision} needs calibration images from the job's inputs")
-        q_key = CacheKey(model_id, "onnx-qdq", _version("onnxruntime"),
-                         f"{precision}-cal{calibration_id(calibration)}", 0, "any")
-        onnx = cache.get_or_build(q_key, lambda: quantize_onnx(onnx.data, calibration, precision))
-        status += f"; {precision} Q/DQ graph ({len(calibration)} calibration images): {onnx.status}"
-        precision_key = q_key.precision
-    else:
-        precision_key = precision
+        variant = f"{precision}-cal{calibration_id(calibration)}"
+        qdq = cache.get_or_build(CacheKey(model_id, "onnx-qdq", _version("onnxruntime"), variant, 0, "any"),
+                                 lambda: quantize_onnx(fp32_or_half.data, calibration, precision))
+        graph = qdq.data
+        status += f"; {precision} Q/DQ graph ({len(calibration)} calibration images): {qdq.status}"
     if backend == "onnx":
         from pipeline.engines.onnx_engine import OnnxEngine
 
-        engine = OnnxEngine(ckpt, precision, device, threads, model_bytes=onnx.data)
-        return BuiltEngine(engine, backend, reason, status)
-    if backend == "tensorrt":
-        from pipeline.engines.tensorrt_engine import (
-            TensorRTEngine,
-            build_engine_bytes,
-            tensorrt_available,
-        )
+        return BuiltEngine(OnnxEngine(ckpt, precision, device, threads, model_bytes=graph), backend, reason, status)
 
-        ok, version = tensorrt_available()
-        if not ok:
-            if precision == "fp8":
-                raise RuntimeError(f"engine.precision fp8 needs TensorRT on a GPU, not usable here: {version}; "
-                                   "use fp32 or bf16 (or int8 with backend onnx) on this machine")
-            raise RuntimeError(f"engine.backend tensorrt is not usable here: {version}; use backend auto or torch")
-        cc = gpu_capability()
-        if precision == "fp8" and (cc is None or int(cc[3:]) < 89):
-            raise ValueError(f"engine.precision fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, "
-                             f"Blackwell); this one is {cc}; use int8, fp16 or bf16")
-        key = CacheKey(model_id, "tensorrt", version, precision_key, max_batch, cc or "none")
-        # One timing cache per TensorRT version and GPU type, shared by every model and batch size:
-        # ViT-S and ViT-B reuse each other's kernel timings, so a second build takes far less time.
-        timing_key = CacheKey("any-model", "tensorrt-timing-cache", version, "any", 0, cc or "none")
+    from pipeline.engines.tensorrt_engine import TensorRTEngine, build_engine_bytes
 
-        def build_plan() -> bytes:
-            timing, _ = cache.load(timing_key)
-            plan, timing = build_engine_bytes(onnx.data, max_batch, timing_cache=timing)
-            cache.put(timing_key, timing)
-            return plan
+    # One timing cache per TensorRT version and GPU type, shared by every model and batch size:
+    # ViT-S and ViT-B reuse each other's kernel timings, so a second build takes far less time.
+    timing_key = CacheKey("any-model", "tensorrt-timing-cache", trt_version, "any", 0, cc)
 
-        plan = cache.get_or_build(key, build_plan)
-        engine = TensorRTEngine(ckpt, plan.data, precision, max_batch)
-        return BuiltEngine(engine, backend, reason, f"{status}; plan: {plan.status}")
-    raise ValueError(f"engine.backend {backend!r} is not available; allowed: auto, torch, onnx, tensorrt")
+    def build_plan() -> bytes:
+        timing, _ = cache.load(timing_key)
+        plan, timing = build_engine_bytes(graph, max_batch, timing_cache=timing)
+        cache.put(timing_key, timing)
+        return plan
+
+    plan = cache.get_or_build(CacheKey(model_id, "tensorrt", trt_version, variant, max_batch, cc), build_plan)
+    engine = TensorRTEngine(ckpt, plan.data, precision, max_batch)
+    return BuiltEngine(engine, backend, reason, f"{status}; plan: {plan.status}")
+
+
+def _tensorrt_target(precision: str) -> tuple[str, str]:
+    """(TensorRT version, GPU compute capability) where a TensorRT engine of `precision` can run here."""
+    from pipeline.engines.tensorrt_engine import tensorrt_available
+
+    ok, version = tensorrt_available()
+    if not ok:
+        if precision == "fp8":
+            raise RuntimeError(f"engine.precision fp8 needs TensorRT on a GPU, not usable here: {version}; "
+                               "use fp32 or bf16 (or int8 with backend onnx) on this machine")
+        raise RuntimeError(f"engine.backend tensorrt is not usable here: {version}; use backend auto or torch")
+    cc = gpu_capability() or "none"
+    if precision == "fp8" and (cc == "none" or int(cc[3:]) < 89):
+        raise ValueError(f"engine.precision fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, "
+                         f"Blackwell); this one is {cc}; use int8, fp16 or bf16")
+    return version, cc
+
 
 
 def _version(package: str) -> str:
