@@ -51,6 +51,7 @@ class Result:
     files: int | None = None
     file_mb: float | None = None
     note: str = ""
+    cpu_s_by_role: dict[str, float] | None = None  # where the CPU time went (Monitor.cpu_by_role)
 
 
 class Monitor:
@@ -60,6 +61,8 @@ class Monitor:
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
         self.proc = psutil.Process()
         self.node_cpu: dict[int, dict[int, float]] = {}  # raylet pid -> {process pid: CPU seconds}, cumulative
+        self.proc_cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds during the run)
+        self._start_cpu: dict[int, float] = {}  # pid -> CPU seconds when first seen (processes alive before)
 
     def __enter__(self) -> Monitor:
         psutil.cpu_percent()
@@ -80,6 +83,7 @@ class Monitor:
                 with contextlib.suppress(psutil.Error):
                     rss += p.memory_full_info().pss
             self.peak = max(self.peak, rss)
+            self._sample_roles(procs)
             self._sample_nodes(procs)
             self._stop.wait(self.interval)
 
@@ -93,6 +97,25 @@ class Monitor:
                     with contextlib.suppress(psutil.Error):
                         t = w.cpu_times()
                         seen[w.pid] = t.user + t.system
+
+    def _sample_roles(self, procs: list[psutil.Process]) -> None:
+        """CPU seconds each process spent since the run began, with its role: the profile that says
+        where the machine's time went besides the model (Ray's daemons, the S3 server, the driver)."""
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                used = t.user + t.system
+                if p.pid not in self._start_cpu:
+                    # a process that existed before the run counts from here; one born during it, from 0
+                    self._start_cpu[p.pid] = used if p.create_time() < self.t0 else 0.0
+                self.proc_cpu[p.pid] = (_role(p, self.proc.pid), used - self._start_cpu[p.pid])
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds by role, largest first."""
+        roles: dict[str, float] = {}
+        for role, used in self.proc_cpu.values():
+            roles[role] = roles.get(role, 0.0) + used
+        return {r: round(v, 1) for r, v in sorted(roles.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
     def node_shares(self) -> list[float]:
         """Each node's CPU seconds during the run, head first."""
@@ -110,6 +133,23 @@ def _name(p: psutil.Process) -> str:
         return p.name()
     except psutil.Error:
         return ""
+
+
+def _role(p: psutil.Process, driver: int) -> str:
+    """A short name for what a process does: Ray names its workers by the task they run."""
+    if p.pid == driver:
+        return "driver"
+    try:
+        name = p.name()
+        cmd = " ".join(p.cmdline()[:3])
+    except psutil.Error:
+        return "?"
+    if name.startswith("ray::") or cmd.startswith("ray::"):
+        title = cmd.split()[0] if cmd.startswith("ray::") else name
+        return title.split("(")[-1].rstrip(")") if "MapBatches" in title or "Map(" in title else title
+    if "weed" in name or "weed" in cmd:
+        return "s3 server"
+    return name
 
 
 class FirstFile:
@@ -212,7 +252,7 @@ def bench_engine(ckpt, precision: str, threads: int, batch: int, seconds: float 
             n += batch
         dt = time.time() - t0
     return Result("a engine", ckpt.source.removeprefix("random:"), precision, n, round(dt, 2), round(n / dt, 2), mon.peak / 1e6,
-                  round(mon.cpu, 2), None, note=f"{threads} threads, batch {batch}")
+                  round(mon.cpu, 2), None, note=f"{threads} threads, batch {batch}", cpu_s_by_role=mon.cpu_by_role())
 
 
 # --- (b) vitpipe ------------------------------------------------------------------------------------
@@ -239,7 +279,7 @@ def bench_vitpipe(fs, src: str, arch: str, precision: str, batch: int, tag: str)
                   round(report.records_read / mon.seconds, 2), mon.peak / 1e6, round(mon.cpu, 2),
                   report.time_to_first_row_s, files, mb,
                   note=f"{report.actors} actor(s) x {report.threads_per_actor} threads, {report.error_rows} errors"
-                       + gate_note + _nodes_note(mon))
+                       + gate_note + _nodes_note(mon), cpu_s_by_role=mon.cpu_by_role())
 
 
 def _nodes_note(mon: Monitor) -> str:
@@ -321,7 +361,8 @@ def bench_recipe(fs, src: str, arch: str, precision: str, batch: int, tag: str, 
     n = sum(pq_rows(fs, p) for p in fs.find(out) if p.endswith(".parquet"))
     what = "our engine, uint8" if use_engine else "plain torch model, float32 transport"
     return Result("c2 recipe+engine" if use_engine else "c ray recipe", arch, precision, n, round(mon.seconds, 2), round(n / mon.seconds, 2),
-                  mon.peak / 1e6, round(mon.cpu, 2), first_s, files, mb, note=f"{what}, 1 actor x 1 CPU")
+                  mon.peak / 1e6, round(mon.cpu, 2), first_s, files, mb, note=f"{what}, 1 actor x 1 CPU",
+                  cpu_s_by_role=mon.cpu_by_role())
 
 
 def pq_rows(fs, path: str) -> int:
@@ -381,7 +422,7 @@ def bench_dataloader(fs, src: str, ckpt, precision: str, batch: int, tag: str) -
     files, mb = output_files(fs, out)
     return Result("d dataloader", ckpt.source.removeprefix("random:"), precision, len(keys), round(mon.seconds, 2),
                   round(len(keys) / mon.seconds, 2), mon.peak / 1e6, round(mon.cpu, 2), round(first, 2), files, mb,
-                  note="2 workers, model on 2 threads in the main process")
+                  note="2 workers, model on 2 threads in the main process", cpu_s_by_role=mon.cpu_by_role())
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -405,6 +446,13 @@ def markdown(results: list[Result], meta: dict) -> str:
         lines.append(f"| {r.approach} | {r.model} | {r.precision} | {r.images} | {r.seconds} | {r.images_per_s} | "
                      f"{ratio_a} | {ratio_b} | {r.peak_rss_mb:.0f} | {r.cpu_util} | {r.first_row_s or ''} | "
                      f"{r.files or ''} | {r.file_mb or ''} | {r.note} |")
+    lines += ["", "Where the CPU time went (CPU-seconds by process role, over the row's wall time x "
+              f"{os.cpu_count()} CPUs):", ""]
+    for r in results:
+        if r.cpu_s_by_role:
+            top = sorted(r.cpu_s_by_role.items(), key=lambda kv: -kv[1])[:8]
+            lines.append(f"- {r.approach} {r.precision}: " + ", ".join(f"{k} {v}" for k, v in top)
+                         + f" (of {r.seconds * (os.cpu_count() or 1):.0f})")
     return "\n".join(lines) + "\n"
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.model.checkpoints import Preprocess
+if TYPE_CHECKING:  # not at run time: read tasks import this module and must not pay for torch
+    from pipeline.model.checkpoints import Preprocess
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_PIXELS = 64_000_000  # a 8000 x 8000 image; larger is treated as a decompression bomb

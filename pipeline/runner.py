@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import ray
 from tqdm import tqdm
 
@@ -32,15 +31,7 @@ from pipeline.predict import (
     output_schema,
 )
 from pipeline.sink import ParquetSink, versions
-from pipeline.sources import RECORD_COLUMNS, Shard, SourceSpec, list_shards, read_shard
-
-RECORD_SCHEMA = pa.schema([
-    ("key", pa.string()), ("image", pa.binary()), ("source_uri", pa.string()), ("source_etag", pa.string()),
-    ("member", pa.string()), ("label", pa.int64()), ("status", pa.string()), ("error_stage", pa.string()),
-    ("error_type", pa.string()), ("error_message", pa.string()), ("shard", pa.string()),
-    ("ordinal", pa.int64()),
-])
-assert tuple(RECORD_SCHEMA.names) == RECORD_COLUMNS
+from pipeline.sources import Shard, list_shards, read_shards_udf
 
 
 @dataclass(frozen=True)
@@ -151,15 +142,6 @@ def init_ray(spec: JobSpec) -> None:
         # address="local": always a new local Ray, never silently joining one started by `ray start`.
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level=logging.WARNING)
-
-
-def read_shards_udf(batch: dict, source: dict):
-    """Ray read task: one shard in, a stream of record blocks out."""
-    spec = SourceSpec.model_validate(source)
-    for row in batch["shard"]:
-        shard = Shard(**json.loads(row))
-        for chunk in read_shard(shard, spec):
-            yield pa.Table.from_pylist(chunk, schema=RECORD_SCHEMA)
 
 
 def prepare_engine(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: Plan) -> tuple[dict, np.ndarray | None]:

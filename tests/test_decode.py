@@ -91,7 +91,7 @@ def test_parallel_decode_gives_the_same_pixels_and_errors_as_serial():
     import pyarrow as pa
 
     from pipeline.predict import decode_records
-    from pipeline.runner import RECORD_SCHEMA
+    from pipeline.sources import RECORD_SCHEMA
 
     blobs = [image_bytes(300 + 37 * i, 200 + 11 * i, seed=i) for i in range(12)]
     blobs[3], blobs[7] = b"not an image", b""
