@@ -78,7 +78,13 @@ class EngineSpec(Spec):
                             "(tensorrt, compute capability >= 8.9) are calibrated on the job's own images first, "
                             "then gated like the others.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor has a GPU, else cpu.")
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per model call (and TensorRT's max batch).")
+    batch_size: int = Field(
+        64, ge=1, le=4096, description="Images per batch an actor receives (and TensorRT's max batch); "
+                                       "the engine runs them in sub-batches, see tune_batch.")
+    tune_batch: bool = Field(
+        True, description="Time engine calls of 1/4, 1/2 and all of batch_size on the job's first batches "
+                          "and keep the fastest (CPU caches and GPUs favour different sizes); false: "
+                          "always batch_size.")
     compile: bool = Field(False, description="torch backend: torch.compile the model.")
     calibration_samples: int = Field(
         128, ge=1, description="int8: images from the job's first shards that set the activation ranges "

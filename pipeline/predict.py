@@ -8,6 +8,7 @@ plain function, so the stage is tested without Ray.
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -18,6 +19,7 @@ import ray
 from pipeline.config import JobSpec, OutputsSpec
 from pipeline.decode import DecodeError, decode_image
 from pipeline.engines.base import Engine, build_engine
+from pipeline.engines.batching import TunedEngine
 from pipeline.model.checkpoints import Checkpoint, Preprocess, load_checkpoint
 
 PASS_THROUGH = ("key", "source_uri", "source_etag", "member", "label", "shard", "ordinal")
@@ -155,17 +157,19 @@ def needs_gate(spec: JobSpec) -> bool:
     return not (e.backend == "torch" and e.precision == "fp32" and not e.compile)
 
 
-def check_engine(job: dict, images: np.ndarray, threads: int, calibration: np.ndarray | None = None) -> dict:
+def check_engine(job: dict, images: np.ndarray, threads: int, calibration: np.ndarray | None = None,
+                 backend: str | None = None) -> dict:
     """Build the job's engine where it will run (filling the cache), then gate it against torch fp32.
 
-    images: the gate's batch; calibration: the int8/fp8 calibration batch (other images)."""
+    images: the gate's batch; calibration: the int8/fp8 calibration batch (other images);
+    backend: overrides the spec's (what the driver resolved `auto` to)."""
     from pipeline.engines.gate import compare
     from pipeline.engines.torch_engine import TorchEngine
 
     spec = JobSpec.model_validate(job)
     e = spec.engine
     ckpt = load_model(spec)
-    built = build_engine(ckpt, e.backend, e.precision, e.device, threads, max_batch=e.batch_size,
+    built = build_engine(ckpt, backend or e.backend, e.precision, e.device, threads, max_batch=e.batch_size,
                          cache_uri=e.cache_uri, compile=e.compile, calibration=calibration)
     out = {"backend": built.backend, "reason": built.reason, "cache": built.cache, "engine": built.engine.info.name,
            "gate": None}
@@ -191,9 +195,13 @@ class Predictor:
         built = build_engine(self.ckpt, backend or e.backend, e.precision, e.device, threads,
                              max_batch=e.batch_size, cache_uri=e.cache_uri, compile=e.compile,
                              calibration=calibration)
-        self.engine = built.engine
+        self.engine = TunedEngine(built.engine, e.batch_size, tune=e.tune_batch)
         self.outputs = spec.outputs
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs, self.pool)
+        tuning = self.engine.chosen is None
+        out = predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs, self.pool)
+        if tuning and self.engine.chosen is not None:
+            print(self.engine.describe(), file=sys.stderr, flush=True)  # Ray forwards it to the driver
+        return out

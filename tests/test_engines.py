@@ -315,3 +315,65 @@ def test_cache_put_replaces_an_entry_and_a_torn_replace_reads_as_a_miss(tmp_path
     (tmp_path / f"{key.name}.bin").write_bytes(b"timings v3")  # .bin replaced, .json not yet
     data, why = cache.load(key)
     assert data is None and why.startswith("checksum mismatch")
+
+
+class _SizeSensitiveEngine:
+    """Wraps a real engine and adds a cost per call that favours calls of exactly `best` images
+    (as CPU caches favour one size): the tuner must find that size from its own timings."""
+
+    def __init__(self, engine, best: int):
+        self.engine, self.best, self.calls = engine, best, []
+        self.info, self.embed_dim, self.num_classes = engine.info, engine.embed_dim, engine.num_classes
+
+    def run(self, images):
+        import time
+
+        self.calls.append(len(images))
+        time.sleep(0.0005 * len(images) * (1 if len(images) == self.best else 3))
+        return self.engine.run(images)
+
+
+@pytest.mark.parametrize("best", [4, 8, 16])
+def test_batch_tuner_keeps_the_fastest_size_and_changes_no_result(small_ckpt, best):
+    from pipeline.engines.batching import TunedEngine, candidate_sizes
+
+    assert candidate_sizes(16) == [4, 8, 16] and candidate_sizes(64) == [16, 32, 64] and candidate_sizes(2) == [2]
+    torch_engine = TorchEngine(small_ckpt, "fp32", "cpu", 1)
+    slow = _SizeSensitiveEngine(torch_engine, best)
+    tuned = TunedEngine(slow, max_batch=16)
+    batches = [np.random.default_rng(i).integers(0, 255, (16, 64, 64, 3), dtype=np.uint8) for i in range(12)]  # 2 settling + 9 trials + 1
+    for x in batches:
+        emb, logits = tuned.run(x)
+        ref_emb, ref_logits = torch_engine.run(x)  # sub-batching changes no row and no order
+        assert emb.shape == ref_emb.shape and np.abs(emb - ref_emb).max() < 1e-4
+        assert np.abs(logits - ref_logits).max() < 1e-4
+    assert tuned.chosen == best, tuned.describe()
+    assert set(slow.calls[-(16 // best) * 1:]) == {best}  # after the 11 trial batches, only the chosen size
+    assert f"engine batch {best} chosen" in tuned.describe()
+
+
+def test_batch_tuner_off_runs_whole_batches(small_ckpt, images):
+    from pipeline.engines.batching import TunedEngine
+
+    slow = _SizeSensitiveEngine(TorchEngine(small_ckpt, "fp32", "cpu", 1), best=2)
+    tuned = TunedEngine(slow, max_batch=6, tune=False)
+    tuned.run(images)
+    assert tuned.chosen == 6 and slow.calls == [6]
+
+
+def test_the_gate_runs_beside_the_actors_only_for_engines_with_nothing_to_build():
+    from pipeline.config import JobSpec
+    from pipeline.runner import Plan, gate_beside_actors
+
+    cpu, gpu = Plan(1, 1.75, 0.0, 2, 0.25), Plan(1, 1.0, 1.0, 1, 0.25)
+
+    def spec(**engine) -> JobSpec:
+        return JobSpec.model_validate({"name": "t", "source": {"uri": "/in"}, "model": {"arch": "vit_ti_16"},
+                                       "engine": engine, "output": {"uri": "/out"}})
+
+    assert gate_beside_actors(spec(precision="bf16"), cpu)
+    assert gate_beside_actors(spec(backend="auto", precision="bf16"), cpu)  # auto -> torch for CPU bf16
+    assert not gate_beside_actors(spec(backend="auto", precision="fp32"), cpu)  # -> onnx: export, cache
+    assert not gate_beside_actors(spec(backend="onnx", precision="int8"), cpu)  # calibration, cache
+    assert not gate_beside_actors(spec(precision="bf16", compile=True), cpu)
+    assert not gate_beside_actors(spec(precision="bf16"), gpu)  # checked where the actors' GPUs are

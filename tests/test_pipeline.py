@@ -132,6 +132,9 @@ def test_float16_gap_embeddings_only(ray_cluster, tmp_path):
     report = run_job(_spec(str(tmp_path / "in"), str(out), model={"pooling": "gap"},
                            outputs={"top_k": 0, "embedding_dtype": "float16"}, engine={"precision": "bf16"}))
     assert report.ok_rows == 40
+    # bf16 on CPU: the gate ran beside the actors' start, and its result still reached the report
+    assert report.engine == "torch-cpu-bf16" and report.gate["passed"] and report.gate["samples"] == 40
+    assert json.loads((out / "_manifest.json").read_text())["engine_check"]["gate"]["cosine_mean"] > 0.999
     schema = pq.read_schema(next(out.glob("part-*.parquet")))
     assert str(schema.field("embedding").type) == "fixed_size_list<element: halffloat>[96]"
     assert "topk_ids" not in schema.names
@@ -195,7 +198,9 @@ def test_gate_miss_stops_the_job_before_any_output(ray_cluster, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(GateError, match=r"FAILED .* cosine mean 0\.9\d+ .*need >= 1\.0"):
         run_job(_spec(str(tmp_path / "in"), str(out), engine={"precision": "bf16", "gate": {"min_cosine": 1.0}}))
-    assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
+    # The gate ran beside the actors' start (a CPU torch engine), but no row reached the sink:
+    # nothing committed and nothing staged that a later run could adopt.
+    assert not (out / "_SUCCESS").exists() and not list(out.rglob("*.parquet"))
 
 
 @pytest.mark.parametrize("fmt", ["hf_dir", "jax_npz"])
