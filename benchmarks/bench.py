@@ -22,6 +22,7 @@ import io
 import json
 import os
 import platform
+import re
 import tarfile
 import tempfile
 import threading
@@ -108,7 +109,10 @@ class Monitor:
                 if p.pid not in self._start_cpu:
                     # a process that existed before the run counts from here; one born during it, from 0
                     self._start_cpu[p.pid] = used if p.create_time() < self.t0 else 0.0
-                self.proc_cpu[p.pid] = (_role(p, self.proc.pid), used - self._start_cpu[p.pid])
+                role = _role(p, self.proc.pid)
+                if role == "?" and p.pid in self.proc_cpu:  # exiting: keep the name it had
+                    role = self.proc_cpu[p.pid][0]
+                self.proc_cpu[p.pid] = (role, used - self._start_cpu[p.pid])
 
     def cpu_by_role(self) -> dict[str, float]:
         """CPU seconds by role, largest first."""
@@ -146,7 +150,8 @@ def _role(p: psutil.Process, driver: int) -> str:
         return "?"
     if name.startswith("ray::") or cmd.startswith("ray::"):
         title = cmd.split()[0] if cmd.startswith("ray::") else name
-        return title.split("(")[-1].rstrip(")") if "MapBatches" in title or "Map(" in title else title
+        udf = re.search(r"MapBatches\((\w+)", title)  # Ray Data's actors: ray::MapWorker(MapBatches(Predictor))
+        return udf.group(1) if udf else title
     if "weed" in name or "weed" in cmd:
         return "s3 server"
     return name
@@ -460,7 +465,7 @@ def markdown(results: list[Result], meta: dict) -> str:
     lines += ["", "Where the CPU time went (CPU-seconds by process role, over the row's wall time x "
               f"{os.cpu_count()} CPUs):", ""]
     for r in results:
-        if r.cpu_s_by_role:
+        if r.cpu_s_by_role and r.approach != "a engine":  # (a) is the engine alone, in this process
             top = sorted(r.cpu_s_by_role.items(), key=lambda kv: -kv[1])[:8]
             lines.append(f"- {r.approach} {r.precision}: " + ", ".join(f"{k} {v}" for k, v in top)
                          + f" (of {r.seconds * (os.cpu_count() or 1):.0f})")

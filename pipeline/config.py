@@ -124,7 +124,8 @@ class ResourcesSpec(Spec):
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each model actor reserves (and torch threads it uses).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each model actor reserves.")
     read_cpus: float = Field(0.25, gt=0, description="CPUs each shard-read task reserves (reads are I/O-bound).")
-    max_shards_in_flight: int | None = Field(None, ge=1, description="Cap on concurrent read tasks (memory bound).")
+    max_shards_in_flight: int | None = Field(
+        None, ge=1, description="Read actors (each reads one shard at a time); default two per model actor.")
     buffer_mb_per_actor: int = Field(
         512, ge=16, description="Object-store memory the run may hold in flight (shards read ahead, results not "
                                 "yet written), per model actor: keeps memory flat however large the input.")

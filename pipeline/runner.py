@@ -33,7 +33,7 @@ from pipeline.predict import (
     output_schema,
 )
 from pipeline.sink import ParquetSink, versions
-from pipeline.sources import Shard, list_shards, read_shards_udf
+from pipeline.sources import Shard, ShardReader, list_shards
 
 
 @dataclass(frozen=True)
@@ -210,9 +210,10 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str,
                   calibration: np.ndarray | None = None) -> ray.data.Dataset:
     items = [{"shard": json.dumps(s.to_dict())} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_shards_udf, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
-                        fn_kwargs={"source": spec.source.model_dump()},
-                        compute=ray.data.TaskPoolStrategy(size=spec.resources.max_shards_in_flight))
+    readers = min(spec.resources.max_shards_in_flight or 2 * plan.actors, len(shards))
+    ds = ds.map_batches(ShardReader, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
+                        fn_constructor_kwargs={"source": spec.source.model_dump()},
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=readers, initial_size=1))
     return ds.map_batches(
         Predictor, batch_size=spec.engine.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads, "backend": backend,
