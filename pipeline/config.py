@@ -26,7 +26,7 @@ class SourceSpec(Spec):
     image_column: str = Field("image", description="parquet: the column holding encoded image bytes.")
     label_column: str | None = Field(None, description="parquet: an optional integer ground-truth label column.")
     key_column: str | None = Field(None, description="parquet: the column with record keys (else file name + row number).")
-    images_per_shard: int = Field(256, ge=1, description="images: how many files one read task takes.")
+    images_per_shard: int = Field(256, ge=1, description="images: how many files make one shard.")
     only_keys: str | None = Field(None, description="A file (URI) of record keys, one per line: read only those "
                                                     "(what `vitpipe errors --retry-spec` writes).")
 
@@ -123,7 +123,7 @@ class ResourcesSpec(Spec):
     actors: int | None = Field(None, ge=1, description="Model actors; default: as many as the cluster's CPUs/GPUs allow.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each model actor reserves (and torch threads it uses).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each model actor reserves.")
-    read_cpus: float = Field(0.25, gt=0, description="CPUs each shard-read task reserves (reads are I/O-bound).")
+    read_cpus: float = Field(0.25, gt=0, description="CPUs each read actor reserves (reads are I/O-bound).")
     max_shards_in_flight: int | None = Field(
         None, ge=1, description="Read actors (each reads one shard at a time); default two per model actor.")
     buffer_mb_per_actor: int = Field(

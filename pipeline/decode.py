@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
-if TYPE_CHECKING:  # not at run time: read tasks import this module and must not pay for torch
+if TYPE_CHECKING:  # not at run time: read actors import this module and must not pay for torch
     from pipeline.model.checkpoints import Preprocess
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")

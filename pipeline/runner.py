@@ -50,8 +50,8 @@ class Plan:
 def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
     """Size the actor pool from the alive nodes' resources, not from constants.
 
-    CPU-only: one actor per node, reserving the node's CPUs less one read task's
-    share, with as many torch threads as that rounds up to (the read tasks mostly
+    CPU-only: one actor per node, reserving the node's CPUs less one read actor's
+    share, with as many torch threads as that rounds up to (the readers mostly
     wait on I/O). With GPUs: one actor per GPU. `resources.actors` and an explicit
     `cpus_per_actor` other than the default override this.
     """
