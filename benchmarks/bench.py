@@ -150,8 +150,9 @@ def _role(p: psutil.Process, driver: int) -> str:
         return "?"
     if name.startswith("ray::") or cmd.startswith("ray::"):
         title = cmd.split()[0] if cmd.startswith("ray::") else name
-        udf = re.search(r"MapBatches\((\w+)", title)  # Ray Data's actors: ray::MapWorker(MapBatches(Predictor))
-        return udf.group(1) if udf else title
+        # Ray Data's actors: ray::MapWorker(MapBatches(Predictor)), or fused: ...(a)->MapBatches(b)): the last
+        udfs = re.findall(r"MapBatches\((\w+)", title)
+        return udfs[-1] if udfs else title
     if "weed" in name or "weed" in cmd:
         return "s3 server"
     return name
