@@ -27,6 +27,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -200,23 +201,22 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 
 def write_input(fs, jpegs: list[bytes], per_shard: int = 100) -> str:
-    prefix = f"{BUCKET}/input/n{len(jpegs)}"
-    if _already_there(fs, prefix, len(jpegs), per_shard):
-        return f"s3://{prefix}/"
-    for s in range(0, len(jpegs), per_shard):
-        _put_shard(fs, f"{prefix}/shard-{s // per_shard:05d}.tar", jpegs[s : s + per_shard], first=s)
-    return f"s3://{prefix}/"
+    """Given images, as tar shards of per_shard; returns the prefix URI."""
+    return _upload(fs, f"{BUCKET}/input/n{len(jpegs)}", len(jpegs), per_shard, lambda s, e: jpegs[s:e])
 
 
 def generate_input(fs, n: int, per_shard: int = 100) -> str:
     """n images made and uploaded a shard at a time: the benchmark process never holds them all
     (20,000 JPEGs are ~1.7 GB, which would sit in this process and inflate every peak-memory figure)."""
-    prefix = f"{BUCKET}/input/gen{n}"
-    if _already_there(fs, prefix, n, per_shard):
-        return f"s3://{prefix}/"
-    for s in range(0, n, per_shard):
-        jpegs = make_jpegs(min(per_shard, n - s), seed=s // per_shard)
-        _put_shard(fs, f"{prefix}/shard-{s // per_shard:05d}.tar", jpegs, first=s)
+    return _upload(fs, f"{BUCKET}/input/gen{n}", n, per_shard,
+                   lambda s, e: make_jpegs(e - s, seed=s // per_shard))
+
+
+def _upload(fs, prefix: str, n: int, per_shard: int, images: Callable[[int, int], list[bytes]]) -> str:
+    """Shards of images(start, end), unless an earlier run against the same server left them all."""
+    if not _already_there(fs, prefix, n, per_shard):
+        for s in range(0, n, per_shard):
+            _put_shard(fs, f"{prefix}/shard-{s // per_shard:05d}.tar", images(s, min(s + per_shard, n)), first=s)
     return f"s3://{prefix}/"
 
 

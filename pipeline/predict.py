@@ -8,7 +8,6 @@ plain function, so the stage is tested without Ray.
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -200,8 +199,4 @@ class Predictor:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        tuning = self.engine.chosen is None
-        out = predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs, self.pool)
-        if tuning and self.engine.chosen is not None:
-            print(self.engine.describe(), file=sys.stderr, flush=True)  # Ray forwards it to the driver
-        return out
+        return predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs, self.pool)

@@ -147,14 +147,14 @@ def init_ray(spec: JobSpec) -> None:
 
 
 def start_engine_check(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: Plan,
-                       backend: str | None = None) -> tuple[dict | ray.ObjectRef | Future, np.ndarray | None]:
+                       beside: bool = False) -> tuple[dict | ray.ObjectRef | Future, np.ndarray | None]:
     """Start building (and caching) the engine and its accuracy gate on a worker with the model
     actors' resources; returns the check (done, or an object ref or future to finish_engine_check)
     and, for int8/fp8, the calibration batch: the first engine.calibration_samples images of the
-    job (the gate uses the ones after). With `backend` (a CPU torch engine, resolved here) the
-    check runs in a thread of this process instead, beside the actors' start (gate_beside_actors)."""
+    job (the gate uses the ones after). `beside` (gate_beside_actors: a CPU torch engine) runs the
+    check in a thread of this process instead, while the actors start."""
     e = spec.engine
-    if not needs_gate(spec) and (backend or e.backend) == "torch":
+    if not needs_gate(spec) and (beside or e.backend == "torch"):
         return {"backend": "torch", "reason": "asked for in the job spec (fp32: the reference, no gate)",
                 "cache": "", "gate": None}, None
     n_cal = e.calibration_samples if e.precision in QUANTIZED else 0
@@ -162,9 +162,9 @@ def start_engine_check(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], pla
     calibration, images = (images[:n_cal], images[n_cal:]) if n_cal else (None, images)
     if calibration is not None and len(images) == 0:  # a tiny job: gate on the calibration images
         images = calibration
-    if backend:  # beside the actors: a thread of this process, which has torch and the model loaded
+    if beside:  # a thread of this process, which has torch and the model loaded
         pool = ThreadPoolExecutor(1, thread_name_prefix="gate")
-        future = pool.submit(check_engine, spec.model_dump(), images, plan.threads, calibration, backend)
+        future = pool.submit(check_engine, spec.model_dump(), images, plan.threads, calibration, "torch")
         pool.shutdown(wait=False)
         return future, calibration
     task = ray.remote(check_engine).options(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
@@ -308,13 +308,11 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     # benchmark's peak memory was 45% above the 2,000-image run; with it, memory stays flat.
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=plan.actors * spec.resources.buffer_mb_per_actor * 2**20)
-    if gate_beside_actors(spec, plan):
-        check, calibration = start_engine_check(spec, ckpt, todo, plan, backend="torch")
-        ds = build_dataset(spec, todo, plan, "torch")
-        engine_check = None  # finished below, before the first row reaches the sink
-    else:
-        engine_check, calibration = prepare_engine(spec, ckpt, todo, plan)
-        ds = build_dataset(spec, todo, plan, engine_check["backend"], calibration)
+    beside = gate_beside_actors(spec, plan)
+    check, calibration = start_engine_check(spec, ckpt, todo, plan, beside=beside)
+    # beside the actors, the check is finished below, before the first row reaches the sink
+    engine_check = None if beside else finish_engine_check(check, calibration)
+    ds = build_dataset(spec, todo, plan, "torch" if beside else engine_check["backend"], calibration)
     first_row_s = None
     bar = tqdm(desc=spec.name, unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)
     try:

@@ -29,16 +29,14 @@ import pyarrow.parquet as pq
 from pipeline.config import SourceSpec
 from pipeline.decode import is_image_name
 
-RECORD_COLUMNS = ("key", "image", "source_uri", "source_etag", "member", "label",
-                  "status", "error_stage", "error_type", "error_message", "shard", "ordinal")
 RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.binary()), ("source_uri", pa.string()), ("source_etag", pa.string()),
     ("member", pa.string()), ("label", pa.int64()), ("status", pa.string()), ("error_stage", pa.string()),
     ("error_type", pa.string()), ("error_message", pa.string()), ("shard", pa.string()),
     ("ordinal", pa.int64()),
 ])
-assert tuple(RECORD_SCHEMA.names) == RECORD_COLUMNS
-CHUNK = 64  # records per block yielded by a read task
+RECORD_COLUMNS = tuple(RECORD_SCHEMA.names)
+CHUNK = 64  # records per block yielded by a read actor
 _EXTENSIONS = {"webdataset": (".tar",), "parquet": (".parquet",)}
 
 

@@ -12,6 +12,7 @@ largest a TensorRT profile accepts) and runs them in sub-batches of the chosen s
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -71,6 +72,9 @@ class TunedEngine:
             if not self.trials:
                 self.chosen = max(self.best, key=lambda c: self.best[c]) if any(self.best.values()) \
                     else self.candidates[-1]
+                print(self.describe(), file=sys.stderr, flush=True)  # in an actor, Ray forwards it to the driver
+        if len(embs) == 1:  # the common case once chosen == batch size: no copy
+            return embs[0], logits[0]
         return np.concatenate(embs), np.concatenate(logits)
 
     def rates(self) -> dict[int, float]:
