@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import torch
 from PIL import Image
 
 BUCKET = "vitpipe-bench"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Result:
     file_mb: float | None = None
     note: str = ""
     cpu_s_by_role: dict[str, float] | None = None  # where the CPU time went (Monitor.cpu_by_role)
+    gpu_util: float | None = None  # mean GPU busy fraction over the run (NVML), where there is a GPU
 
 
 class Monitor:
@@ -65,6 +68,8 @@ class Monitor:
         self.node_cpu: dict[int, dict[int, float]] = {}  # raylet pid -> {process pid: CPU seconds}, cumulative
         self.proc_cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds during the run)
         self._start_cpu: dict[int, float] = {}  # pid -> CPU seconds when first seen (processes alive before)
+        self.gpu_samples: list[float] = []  # NVML's busy percentage of GPU 0, one per sample
+        self._nvml = _nvml_handle()
 
     def __enter__(self) -> Monitor:
         psutil.cpu_percent()
@@ -87,6 +92,11 @@ class Monitor:
             self.peak = max(self.peak, rss)
             self._sample_roles(procs)
             self._sample_nodes(procs)
+            if self._nvml is not None:
+                import pynvml
+
+                with contextlib.suppress(pynvml.NVMLError):
+                    self.gpu_samples.append(pynvml.nvmlDeviceGetUtilizationRates(self._nvml).gpu / 100.0)
             self._stop.wait(self.interval)
 
     def _sample_nodes(self, procs: list[psutil.Process]) -> None:
@@ -126,11 +136,27 @@ class Monitor:
         """Each node's CPU seconds during the run, head first."""
         return [round(sum(v.values()), 1) for _, v in sorted(self.node_cpu.items())]
 
+    @property
+    def gpu(self) -> float | None:
+        """Mean fraction of sampled seconds in which the GPU was running a kernel (None: no GPU)."""
+        return round(sum(self.gpu_samples) / len(self.gpu_samples), 2) if self.gpu_samples else None
+
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self.thread.join()
         self.seconds = time.time() - self.t0
         self.cpu = psutil.cpu_percent() / 100.0
+
+
+def _nvml_handle():
+    """GPU 0's NVML handle, or None without a GPU or without nvidia-ml-py (then no GPU column)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:  # no library, no driver, no GPU: all mean the same here
+        return None
 
 
 def _name(p: psutil.Process) -> str:
@@ -213,10 +239,15 @@ def generate_input(fs, n: int, per_shard: int = 100) -> str:
 
 
 def _upload(fs, prefix: str, n: int, per_shard: int, images: Callable[[int, int], list[bytes]]) -> str:
-    """Shards of images(start, end), unless an earlier run against the same server left them all."""
+    """Shards of images(start, end), unless an earlier run against the same server left them all.
+    One thread per CPU (Pillow encodes and resizes without the GIL): 20,000 images on a 16-core
+    GPU machine would otherwise take minutes of its time before anything is measured."""
     if not _already_there(fs, prefix, n, per_shard):
-        for s in range(0, n, per_shard):
+        def one(s: int) -> None:
             _put_shard(fs, f"{prefix}/shard-{s // per_shard:05d}.tar", images(s, min(s + per_shard, n)), first=s)
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(one, range(0, n, per_shard)))
     return f"s3://{prefix}/"
 
 
@@ -244,8 +275,10 @@ def output_files(fs, prefix: str) -> tuple[int, float]:
 
 # --- (a) the engine alone --------------------------------------------------------------------------
 
-def bench_engine(ckpt, precision: str, threads: int, batch: int, seconds: float = 10.0) -> Result:
-    """The ceiling: the engine alone at its best call size (the sizes vitpipe's actors try)."""
+def bench_engine(ckpt, precision: str, threads: int, batch: int, seconds: float = 10.0, device: str = "cpu") -> Result:
+    """The ceiling: the engine alone at its best call size (the sizes vitpipe's actors try). On a GPU
+    each call includes the copy of the uint8 batch to the device and of the results back, as in
+    the pipeline; nothing else (no decode, no Ray)."""
     from pipeline.engines.batching import candidate_sizes
     from pipeline.engines.torch_engine import TorchEngine
 
@@ -254,7 +287,7 @@ def bench_engine(ckpt, precision: str, threads: int, batch: int, seconds: float 
     sizes = candidate_sizes(batch)
     rates: dict[int, float] = {}
     with Monitor() as mon:
-        engine = TorchEngine(ckpt, precision, "cpu", threads)
+        engine = TorchEngine(ckpt, precision, device, threads)
         for size in sizes:
             engine.run(x[:size])  # a new shape's one-off costs
             t0, n = time.time(), 0
@@ -265,37 +298,46 @@ def bench_engine(ckpt, precision: str, threads: int, batch: int, seconds: float 
     best = max(rates, key=lambda s: rates[s])
     per_size = ", ".join(f"{s}: {r:.1f}" for s, r in rates.items())
     n = round(rates[best] * seconds / len(sizes))
+    where = f"{threads} threads" if device == "cpu" else f"torch {device}"
     return Result("a engine", ckpt.source.removeprefix("random:"), precision, n, round(seconds / len(sizes), 2),
                   round(rates[best], 2), mon.peak / 1e6, round(mon.cpu, 2), None,
-                  note=f"{threads} threads, best call size {best} (images/s by size {per_size})",
-                  cpu_s_by_role=mon.cpu_by_role())
+                  note=f"{where}, best call size {best} (images/s by size {per_size})",
+                  cpu_s_by_role=mon.cpu_by_role(), gpu_util=mon.gpu)
 
 
 # --- (b) vitpipe ------------------------------------------------------------------------------------
 
-def bench_vitpipe(fs, src: str, arch: str, precision: str, batch: int, tag: str) -> Result:
-    from pipeline.config import JobSpec
+def bench_vitpipe(fs, src: str, arch: str, precision: str, batch: int, tag: str, device: str = "cpu",
+                  overrides: tuple[str, ...] = ()) -> Result:
+    from pipeline.config import JobSpec, apply_override
     from pipeline.runner import run_job
 
     out = f"s3://{BUCKET}/out/vitpipe-{tag}"
-    spec = JobSpec.model_validate({
+    data = {
         "name": f"bench-{tag}", "source": {"uri": src},
         "model": {"checkpoint": None, "arch": arch},
         # Random weights: 1000 near-uniform logits make top-1 agreement meaningless, so the gate checks
         # the embedding cosine only here (its figures are still reported); real checkpoints keep 0.99.
-        "engine": {"precision": precision, "batch_size": batch, "gate": {"min_top1": 0.0}},
+        "engine": {"precision": precision, "batch_size": batch, "device": device, "backend": "torch",
+                   "gate": {"min_top1": 0.0}},
         "outputs": {"top_k": 5}, "output": {"uri": out, "mode": "full"}, "ray": {"progress": False},
-    })
+    }
+    for item in overrides:
+        apply_override(data, item)
+    spec = JobSpec.model_validate(data)
     with Monitor() as mon:
         report = run_job(spec)
     files, mb = output_files(fs, out.removeprefix("s3://"))
     gate = report.gate or {}
     gate_note = f", gate cosine {gate['cosine_mean']} top-1 {gate['top1_agreement']}" if gate else ""
+    where = (f"{report.actors} actor(s) x {report.threads_per_actor} threads" if device == "cpu" else
+             f"{report.actors} GPU actor(s), {report.decode_actors} decode actors")
     return Result("b vitpipe", arch, precision, report.records_read, round(mon.seconds, 2),
                   round(report.records_read / mon.seconds, 2), mon.peak / 1e6, round(mon.cpu, 2),
                   report.time_to_first_row_s, files, mb,
-                  note=f"{report.actors} actor(s) x {report.threads_per_actor} threads, {report.error_rows} errors"
-                       + gate_note + _nodes_note(mon), cpu_s_by_role=mon.cpu_by_role())
+                  note=f"{where}, {report.error_rows} errors, {report.engine}" + gate_note + _nodes_note(mon)
+                       + "".join(f", {o}" for o in overrides),
+                  cpu_s_by_role=mon.cpu_by_role(), gpu_util=mon.gpu)
 
 
 def _nodes_note(mon: Monitor) -> str:
@@ -311,21 +353,21 @@ def _nodes_note(mon: Monitor) -> str:
 class RecipeModel:
     """As in Ray's batch-inference docs: load the model in __init__, run it in __call__."""
 
-    def __init__(self, arch: str, precision: str, use_engine: bool):
+    def __init__(self, arch: str, precision: str, use_engine: bool, device: str = "cpu"):
         import torch
 
         from pipeline.model.checkpoints import random_checkpoint
 
         self.ckpt = random_checkpoint(arch)
         self.use_engine = use_engine
+        self.device = device
         if use_engine:
             from pipeline.engines.torch_engine import TorchEngine
 
-            self.engine = TorchEngine(self.ckpt, precision, "cpu", threads=torch.get_num_threads())
+            self.engine = TorchEngine(self.ckpt, precision, device, threads=torch.get_num_threads())
         else:
-            self.model = self.ckpt.build()
-            self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-            self.model.to(self.dtype)
+            self.dtype = DTYPES[precision]
+            self.model = self.ckpt.build().to(device, self.dtype).eval()
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -334,8 +376,8 @@ class RecipeModel:
             emb, logits = self.engine.run(batch["image"])
         else:
             with torch.inference_mode():
-                x = torch.from_numpy(batch["image"]).to(self.dtype)  # (B, 3, S, S) float32 from the decode step
-                emb, logits = (t.float().numpy() for t in self.model(x))
+                x = torch.from_numpy(batch["image"]).to(self.device, self.dtype)  # (B, 3, S, S) float32 from decode
+                emb, logits = (t.float().cpu().numpy() for t in self.model(x))
         top = np.argsort(-logits, axis=1)[:, :5]
         return {"key": batch["__key__"], "embedding": emb, "topk_ids": top}
 
@@ -357,7 +399,8 @@ def recipe_decode(batch: dict, size: int = 224, uint8: bool = False) -> dict:
     return {"__key__": batch["__key__"], "image": np.stack(out)}
 
 
-def bench_recipe(fs, src: str, arch: str, precision: str, batch: int, tag: str, use_engine: bool) -> Result:
+def bench_recipe(fs, src: str, arch: str, precision: str, batch: int, tag: str, use_engine: bool,
+                 device: str = "cpu") -> Result:
     import pyarrow.fs as pafs
     import ray
 
@@ -369,16 +412,17 @@ def bench_recipe(fs, src: str, arch: str, precision: str, batch: int, tag: str, 
         ds = ray.data.read_webdataset(src, decoder=None)  # raw bytes; decoded with PIL below
         ds = ds.map_batches(recipe_decode, batch_size=batch, fn_kwargs={"uint8": use_engine})
         ds = ds.map_batches(RecipeModel, batch_size=batch, fn_constructor_kwargs={
-            "arch": arch, "precision": precision, "use_engine": use_engine}, compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=1)
+            "arch": arch, "precision": precision, "use_engine": use_engine, "device": device},
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, num_gpus=1 if device == "cuda" else None)
         ds.write_parquet(out, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))  # the same s3fs client
         first_s = first.stop()
     files, mb = output_files(fs, out)
     n = sum(pq_rows(fs, p) for p in fs.find(out) if p.endswith(".parquet"))
     what = "our engine, uint8" if use_engine else "plain torch model, float32 transport"
+    actor = "1 actor x 1 CPU" if device == "cpu" else "1 actor x 1 CPU + 1 GPU"
     return Result("c2 recipe+engine" if use_engine else "c ray recipe", arch, precision, n, round(mon.seconds, 2), round(n / mon.seconds, 2),
-                  mon.peak / 1e6, round(mon.cpu, 2), first_s, files, mb, note=f"{what}, 1 actor x 1 CPU",
-                  cpu_s_by_role=mon.cpu_by_role())
+                  mon.peak / 1e6, round(mon.cpu, 2), first_s, files, mb, note=f"{what}, {actor}",
+                  cpu_s_by_role=mon.cpu_by_role(), gpu_util=mon.gpu)
 
 
 def pq_rows(fs, path: str) -> int:
@@ -410,25 +454,28 @@ class TarImages(torch.utils.data.IterableDataset):
                         yield m.name, recipe_decode({"jpg": [data], "__key__": [m.name]})["image"][0]
 
 
-def bench_dataloader(fs, src: str, ckpt, precision: str, batch: int, tag: str) -> Result:
+def bench_dataloader(fs, src: str, ckpt, precision: str, batch: int, tag: str, device: str = "cpu") -> Result:
+    """As a user would write it: workers decode (one per CPU less two, at least 2), the main
+    process runs the model (on 2 threads on CPU, else on the GPU with pinned batches)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
     shards = ["s3://" + p for p in sorted(fs.find(src.removeprefix("s3://"))) if p.endswith(".tar")]
     out = f"{BUCKET}/out/loader-{tag}"
+    workers = max(2, (os.cpu_count() or 1) - 2)
     with Monitor() as mon:
         t0 = time.time()
-        loader = torch.utils.data.DataLoader(TarImages(shards), batch_size=batch, num_workers=2,
-                                             persistent_workers=False)
+        loader = torch.utils.data.DataLoader(TarImages(shards), batch_size=batch, num_workers=workers,
+                                             persistent_workers=False, pin_memory=device == "cuda")
         torch.set_num_threads(2)
-        model = ckpt.build().to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+        model = ckpt.build().to(device, DTYPES[precision]).eval()
         keys, embs, first = [], [], None
         with torch.inference_mode():
             for names, x in loader:
-                emb, _ = model(x.to(next(model.parameters()).dtype))
+                emb, _ = model(x.to(device, DTYPES[precision], non_blocking=True))
                 keys += list(names)
-                embs.append(emb.float().numpy())
+                embs.append(emb.float().cpu().numpy())
                 first = first or time.time() - t0
         emb = np.concatenate(embs)
         table = pa.table({"key": keys, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)),
@@ -438,12 +485,22 @@ def bench_dataloader(fs, src: str, ckpt, precision: str, batch: int, tag: str) -
     files, mb = output_files(fs, out)
     return Result("d dataloader", ckpt.source.removeprefix("random:"), precision, len(keys), round(mon.seconds, 2),
                   round(len(keys) / mon.seconds, 2), mon.peak / 1e6, round(mon.cpu, 2), round(first, 2), files, mb,
-                  note="2 workers, model on 2 threads in the main process", cpu_s_by_role=mon.cpu_by_role())
+                  note=f"{workers} workers, model " + ("on 2 threads" if device == "cpu" else f"on {device}")
+                       + " in the main process", cpu_s_by_role=mon.cpu_by_role(), gpu_util=mon.gpu)
 
 
 # --- the run ----------------------------------------------------------------------------------------
 
+def after_first_row(r: Result) -> str:
+    """Throughput once output flows: start-up (worker processes, imports, CUDA, the gate) left
+    out, which on a GPU is most of a short run's wall time."""
+    if not r.first_row_s or r.seconds <= r.first_row_s:
+        return ""
+    return f"{r.images / (r.seconds - r.first_row_s):.1f}"
+
+
 def markdown(results: list[Result], meta: dict) -> str:
+    gpu = any(r.gpu_util is not None for r in results)
     lines = [f"# vitpipe benchmark: {meta['when']}", "",
              f"Machine: {meta['machine']}; images: {meta['images']} JPEGs, 200-2,000 px, in tar shards on "
              "SeaweedFS S3 (loopback); vitpipe batch {batch} (engine call size tuned), recipe and "
@@ -451,8 +508,9 @@ def markdown(results: list[Result], meta: dict) -> str:
                  batch=meta["batch"], user_batch=meta.get("user_batch", meta["batch"]), ray="local" if meta.get("nodes", 1) <= 1
                  else f"ray.cluster_utils.Cluster, {meta['nodes']} nodes splitting the CPUs"), "",
              "| approach | model | precision | images | s | images/s | vs engine (b/a) | vitpipe / this | "
-             "peak RSS MB | CPU util | first row s | files | MB/file | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS MB | CPU util | " + ("GPU util | " if gpu else "") + "first row s | images/s after it | "
+             "files | MB/file | note |",
+             "|---" * (16 if gpu else 15) + "|"]
     for r in results:
         a = next((x for x in results if x.approach == "a engine" and (x.model, x.precision) == (r.model, r.precision)),
                  None)
@@ -461,7 +519,9 @@ def markdown(results: list[Result], meta: dict) -> str:
         ratio_a = f"{r.images_per_s / a.images_per_s:.2f}" if a else ""
         ratio_b = f"{b.images_per_s / r.images_per_s:.2f}" if b and r.approach != "b vitpipe" else ""
         lines.append(f"| {r.approach} | {r.model} | {r.precision} | {r.images} | {r.seconds} | {r.images_per_s} | "
-                     f"{ratio_a} | {ratio_b} | {r.peak_rss_mb:.0f} | {r.cpu_util} | {r.first_row_s or ''} | "
+                     f"{ratio_a} | {ratio_b} | {r.peak_rss_mb:.0f} | {r.cpu_util} | "
+                     + (f"{'' if r.gpu_util is None else r.gpu_util} | " if gpu else "") + f"{r.first_row_s or ''} | "
+                     f"{after_first_row(r)} | "
                      f"{r.files or ''} | {r.file_mb or ''} | {r.note} |")
     lines += ["", "Where the CPU time went (CPU-seconds by process role, over the row's wall time x "
               f"{os.cpu_count()} CPUs):", ""]
@@ -478,11 +538,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=2000, help="how many images [2000]")
     p.add_argument("--models", default="vit_ti_16", help="comma-separated archs [vit_ti_16]")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated [fp32,bf16]")
-    p.add_argument("--batch", type=int, default=64,
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where every approach runs its model: auto = cuda when torch sees a GPU [auto]")
+    p.add_argument("--batch", type=int, default=None,
                    help="vitpipe's engine.batch_size, whose 1/4, 1/2 and whole its actors time; (a) reports the "
-                        "best of the same sizes [64]")
-    p.add_argument("--user-batch", type=int, default=32,
-                   help="the batch size of the recipe and the DataLoader script, as their authors would pick [32]")
+                        "best of the same sizes [64 on CPU, 256 on a GPU]")
+    p.add_argument("--user-batch", type=int, default=None,
+                   help="the batch size of the recipe and the DataLoader script, as their authors would pick "
+                        "[32 on CPU, 128 on a GPU]")
     p.add_argument("--only", default="a,b,c,d", help="which approaches to run [a,b,c,d]")
     p.add_argument("--out", default="benchmarks/results", help="where the JSON and Markdown go")
     p.add_argument("--name", default="bench", help="file name stem of the results")
@@ -490,9 +553,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=1,
                    help="1: a local Ray; N > 1: a ray.cluster_utils.Cluster of N nodes splitting this machine's "
                         "CPUs (vitpipe's table row then says how CPU time divided between the nodes) [1]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a job-spec override for vitpipe's run (b), as `vitpipe run --set`; repeatable")
     p.add_argument("--s3", choices=["local", "env"], default="local",
                    help="local: start SeaweedFS on 127.0.0.1 [default]; env: use the S3 that AWS_ENDPOINT_URL names")
     args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.batch = args.batch or (256 if gpu else 64)
+    args.user_batch = args.user_batch or (128 if gpu else 32)
 
     import ray
     import s3fs
@@ -519,11 +589,13 @@ def main(argv: list[str] | None = None) -> int:
                     ckpt = random_checkpoint(arch)
                     for prec in args.precisions.split(","):
                         tag = f"{arch}-{prec}"
-                        steps = [("a", bench_engine, (ckpt, prec, os.cpu_count() or 1, args.batch, args.engine_seconds)),
-                                 ("b", bench_vitpipe, (fs, src, arch, prec, args.batch, tag)),
-                                 ("c", bench_recipe, (fs, src, arch, prec, args.user_batch, tag, False)),
-                                 ("c", bench_recipe, (fs, src, arch, prec, args.user_batch, tag + "-eng", True)),
-                                 ("d", bench_dataloader, (fs, src, ckpt, prec, args.user_batch, tag))]
+                        dev = args.device
+                        steps = [("a", bench_engine, (ckpt, prec, os.cpu_count() or 1, args.batch, args.engine_seconds,
+                                                      dev)),
+                                 ("b", bench_vitpipe, (fs, src, arch, prec, args.batch, tag, dev, tuple(args.set))),
+                                 ("c", bench_recipe, (fs, src, arch, prec, args.user_batch, tag, False, dev)),
+                                 ("c", bench_recipe, (fs, src, arch, prec, args.user_batch, tag + "-eng", True, dev)),
+                                 ("d", bench_dataloader, (fs, src, ckpt, prec, args.user_batch, tag, dev))]
                         first = None
                         for key, fn, fn_args in steps:
                             if key in only:
@@ -586,8 +658,11 @@ def write_results(args: argparse.Namespace, results: list[Result]) -> str:
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "images": args.images, "batch": args.batch,
             "user_batch": args.user_batch,
             "nodes": args.nodes,
+            "device": args.device,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.processor() or 'cpu'}"}
+                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.processor() or 'cpu'}"
+                       + (f", GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}" if args.device == "cuda"
+                          else "")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))

@@ -126,6 +126,10 @@ class ResourcesSpec(Spec):
     read_cpus: float = Field(0.25, gt=0, description="CPUs each read actor reserves (reads are I/O-bound).")
     max_shards_in_flight: int | None = Field(
         None, ge=1, description="Read actors (each reads one shard at a time); default two per model actor.")
+    decode_actors: int | None = Field(
+        None, ge=0, description="Decode actors (1 CPU each) between the readers and the model actors. Default: on a "
+                                "cluster with GPUs, the CPUs the model and read actors leave free; on CPUs only, 0 "
+                                "(decoding runs inside each model actor, on its threads).")
     buffer_mb_per_actor: int = Field(
         512, ge=16, description="Object-store memory the run may hold in flight (shards read ahead, results not "
                                 "yet written), per model actor: keeps memory flat however large the input.")

@@ -9,17 +9,42 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import TYPE_CHECKING
+from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps
 
-if TYPE_CHECKING:  # not at run time: read actors import this module and must not pay for torch
-    from pipeline.model.checkpoints import Preprocess
+# No torch here: read and decode actors import this module and must not pay for torch (~2 s each).
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_PIXELS = 64_000_000  # a 8000 x 8000 image; larger is treated as a decompression bomb
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How bytes become the model's input; travels with the checkpoint, not the job."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # "crop": resize the shorter side to image_size / crop_pct, then center-crop (timm).
+    # "squash": resize straight to image_size x image_size (Hugging Face ViT).
+    resize: str = "crop"
+    crop_pct: float = 0.875
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize, "crop_pct": self.crop_pct}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   resize=d.get("resize", "crop"), crop_pct=float(d.get("crop_pct", 0.875)))
 
 
 class DecodeError(ValueError):
@@ -109,3 +134,65 @@ def resize_and_crop(img: Image.Image, pre: Preprocess) -> Image.Image:
 
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+# --- the decode stage --------------------------------------------------------------------------------
+
+STATUS_COLUMNS = ("status", "error_stage", "error_type", "error_message")
+
+
+def decode_records(batch: pa.Table, pre: Preprocess, pool: Executor | None = None) -> tuple[np.ndarray, dict[str, list]]:
+    """Decode every record of status "record"; failures turn into error columns, never raise.
+
+    With a pool, records decode in parallel (Pillow releases the GIL while decoding and
+    resampling), so the model does not wait on a single decoding core between batches."""
+    cols = {c: batch.column(c).to_pylist() for c in STATUS_COLUMNS}
+    S = pre.image_size
+    pixels = np.zeros((batch.num_rows, S, S, 3), dtype=np.uint8)  # (B, S, S, 3)
+    if "pixels" in batch.column_names:  # decoded upstream by a Decoder: nothing left to do
+        return pixels_of(batch, S), cols
+    images = batch.column("image")
+    todo = [i for i, status in enumerate(cols["status"]) if status == "record"]
+
+    def one(i: int) -> None:
+        try:
+            pixels[i] = decode_image(images[i].as_py(), pre)
+            cols["status"][i] = "ok"
+        except DecodeError as e:
+            cols["status"][i], cols["error_stage"][i] = "error", "decode"
+            cols["error_type"][i], cols["error_message"][i] = e.kind, str(e)
+
+    list(pool.map(one, todo) if pool else map(one, todo))
+    return pixels, cols
+
+
+def pixels_of(batch: pa.Table, size: int) -> np.ndarray:
+    """The `pixels` column (fixed-size binary, S*S*3 bytes a row) as (B, S, S, 3) uint8, no copy
+    when the column is one chunk (the common case: Ray Data hands over whole blocks)."""
+    col = batch.column("pixels").combine_chunks()  # FixedSizeBinaryArray
+    row = size * size * 3
+    data = np.frombuffer(col.buffers()[1], dtype=np.uint8)
+    return data[col.offset * row:(col.offset + len(col)) * row].reshape(len(col), size, size, 3)
+
+
+class Decoder:
+    """The decode stage, as its own CPU actors: used where the model runs on a GPU.
+
+    On a GPU node the engine needs a few milliseconds per batch and decoding is the work: it
+    runs here, one process per CPU (no GIL shared with the model actor), while the GPU actor
+    only moves pixels to the device and back. Record blocks go in; the same rows come out with
+    `image` replaced by `pixels` (S*S*3 bytes each, 1 byte per value as everywhere) and their
+    status set to "ok" or a decode error. On CPU-only nodes decoding stays fused in the model
+    actor instead (predict.py), where a separate process would compete with torch for cores."""
+
+    def __init__(self, preprocess: dict):
+        self.pre = Preprocess.from_dict(preprocess)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pixels, cols = decode_records(batch, self.pre)  # (B, S, S, 3)
+        row = pixels[0].nbytes if len(pixels) else self.pre.image_size ** 2 * 3
+        column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row), len(pixels), [None, pa.py_buffer(pixels)])
+        out = batch.drop_columns(["image", *STATUS_COLUMNS])
+        for name in STATUS_COLUMNS:
+            out = out.append_column(name, pa.array(cols[name], pa.string()))
+        return out.append_column("pixels", column)

@@ -16,10 +16,10 @@ import pyarrow as pa
 import ray
 
 from pipeline.config import JobSpec, OutputsSpec
-from pipeline.decode import DecodeError, decode_image
+from pipeline.decode import DecodeError, Preprocess, decode_image, decode_records
 from pipeline.engines.base import Engine, build_engine
 from pipeline.engines.batching import TunedEngine
-from pipeline.model.checkpoints import Checkpoint, Preprocess, load_checkpoint
+from pipeline.model.checkpoints import Checkpoint, load_checkpoint
 
 PASS_THROUGH = ("key", "source_uri", "source_etag", "member", "label", "shard", "ordinal")
 
@@ -63,29 +63,6 @@ def output_schema(embed_dim: int, outputs: OutputsSpec) -> pa.Schema:
                    pa.field("topk_scores", pa.list_(pa.float32())),
                    pa.field("topk_labels", pa.list_(pa.string()))]
     return pa.schema(fields)
-
-
-def decode_records(batch: pa.Table, pre: Preprocess, pool: Executor | None = None) -> tuple[np.ndarray, dict[str, list]]:
-    """Decode every record of status "record"; failures turn into error columns, never raise.
-
-    With a pool, records decode in parallel (Pillow releases the GIL while decoding and
-    resampling), so the model does not wait on a single decoding core between batches."""
-    cols = {c: batch.column(c).to_pylist() for c in ("status", "error_stage", "error_type", "error_message")}
-    images = batch.column("image")
-    S = pre.image_size
-    pixels = np.zeros((batch.num_rows, S, S, 3), dtype=np.uint8)  # (B, S, S, 3)
-    todo = [i for i, status in enumerate(cols["status"]) if status == "record"]
-
-    def one(i: int) -> None:
-        try:
-            pixels[i] = decode_image(images[i].as_py(), pre)
-            cols["status"][i] = "ok"
-        except DecodeError as e:
-            cols["status"][i], cols["error_stage"][i] = "error", "decode"
-            cols["error_type"][i], cols["error_message"][i] = e.kind, str(e)
-
-    list(pool.map(one, todo) if pool else map(one, todo))
-    return pixels, cols
 
 
 def predict_batch(batch: pa.Table, engine: Engine, pre: Preprocess, labels: list[str],

@@ -20,6 +20,7 @@ import ray
 from tqdm import tqdm
 
 from pipeline.config import JobSpec
+from pipeline.decode import Decoder, Preprocess
 from pipeline.engines.base import resolve_backend
 from pipeline.engines.gate import GateError, GateResult
 from pipeline.engines.quantize import QUANTIZED
@@ -45,6 +46,7 @@ class Plan:
     gpus_per_actor: float
     threads: int
     read_cpus: float
+    decoders: int = 0  # decode actors of 1 CPU; 0: decoding runs inside the model actors
 
 
 def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
@@ -52,8 +54,10 @@ def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
 
     CPU-only: one actor per node, reserving the node's CPUs less one read actor's
     share, with as many torch threads as that rounds up to (the readers mostly
-    wait on I/O). With GPUs: one actor per GPU. `resources.actors` and an explicit
-    `cpus_per_actor` other than the default override this.
+    wait on I/O); each actor decodes its own batches on those threads. With GPUs:
+    one actor per GPU, and every CPU that the model and read actors leave goes to
+    decode actors, since decoding, not the GPU, is then the work. `resources.actors`,
+    `decode_actors` and an explicit `cpus_per_actor` override this.
     """
     r = spec.resources
     cpus = [n.get("CPU", 0.0) for n in nodes]
@@ -62,17 +66,22 @@ def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
     if r.gpus_per_actor > 0 or (gpus and spec.engine.device != "cpu"):
         per_gpu = r.gpus_per_actor or 1.0
         actors = r.actors or max(1, int(gpus // per_gpu))
-        return Plan(actors, r.cpus_per_actor, per_gpu, max(1, math.ceil(r.cpus_per_actor)), read)
+        readers = r.max_shards_in_flight or 2 * actors
+        free = int(sum(cpus) - actors * r.cpus_per_actor - readers * read)
+        decoders = max(1, free) if r.decode_actors is None else r.decode_actors
+        return Plan(actors, r.cpus_per_actor, per_gpu, max(1, math.ceil(r.cpus_per_actor)), read, decoders)
+    decoders = r.decode_actors or 0  # asked for on CPUs only: they take their CPUs off the model actors
     if "cpus_per_actor" in r.model_fields_set:
         per = r.cpus_per_actor
-        actors = r.actors or max(1, int((sum(cpus) - read) // per))
+        actors = r.actors or max(1, int((sum(cpus) - read - decoders) // per))
     else:
-        usable = [c - read for c in cpus if c - read >= 0.5]
+        share = decoders / max(1, sum(1 for c in cpus if c))
+        usable = [c - read - share for c in cpus if c - read - share >= 0.5]
         if not usable:
             raise RuntimeError(f"the cluster has too few CPUs ({sum(cpus)}) for a model actor and a read task")
         per = min(usable)
         actors = r.actors or len(usable)
-    return Plan(actors, per, 0.0, max(1, math.ceil(per)), read)
+    return Plan(actors, per, 0.0, max(1, math.ceil(per)), read, decoders)
 
 
 @dataclass
@@ -101,6 +110,7 @@ class RunReport:
     gate: dict | None
     actors: int
     threads_per_actor: int
+    decode_actors: int
     embedding_dim: int
     labeled: int
     top1_accuracy: float | None
@@ -125,6 +135,8 @@ class RunReport:
             f"  engine         {self.engine} x {self.actors} actor(s), {self.threads_per_actor} thread(s) each"
             f" ({self.engine_reason})",
         ]
+        if self.decode_actors:
+            lines.append(f"  decode         {self.decode_actors} decode actor(s) of 1 CPU feed the model actors")
         if self.gate:
             g = self.gate
             lines.append(f"  accuracy gate  cosine {g['cosine_mean']:.5f} (min {g['cosine_min']:.5f}), "
@@ -206,7 +218,7 @@ def prepare_engine(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: P
     return finish_engine_check(check, calibration), calibration
 
 
-def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str,
+def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str, preprocess: Preprocess,
                   calibration: np.ndarray | None = None) -> ray.data.Dataset:
     items = [{"shard": json.dumps(s.to_dict())} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -214,6 +226,11 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str,
     ds = ds.map_batches(ShardReader, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
                         fn_constructor_kwargs={"source": spec.source.model_dump()},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=readers, initial_size=1))
+    if plan.decoders:  # GPU clusters: decoding on its own CPU actors, one block of records per call
+        ds = ds.map_batches(Decoder, batch_size=None, batch_format="pyarrow", num_cpus=1,
+                            fn_constructor_kwargs={"preprocess": preprocess.to_dict()},
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.decoders,
+                                                               initial_size=plan.decoders))
     return ds.map_batches(
         Predictor, batch_size=spec.engine.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads, "backend": backend,
@@ -273,7 +290,8 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
             time_to_first_row_s=None if first_row_s is None else round(first_row_s, 3), model_id=model_id,
             model_source=ckpt.source, engine=f"{engine_check['backend']}-{device}-{spec.engine.precision}",
             engine_reason=engine_check["reason"], gate=engine_check["gate"], actors=plan.actors if plan else 0,
-            threads_per_actor=plan.threads if plan else 0, embedding_dim=ckpt.config.dim, labeled=c.labeled,
+            threads_per_actor=plan.threads if plan else 0, decode_actors=plan.decoders if plan else 0,
+            embedding_dim=ckpt.config.dim, labeled=c.labeled,
             top1_accuracy=round(c.correct / c.labeled, 4) if c.labeled else None,
         )
         sink.commit({
@@ -312,7 +330,8 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     check, calibration = start_engine_check(spec, ckpt, todo, plan, beside=beside)
     # beside the actors, the check is finished below, before the first row reaches the sink
     engine_check = None if beside else finish_engine_check(check, calibration)
-    ds = build_dataset(spec, todo, plan, "torch" if beside else engine_check["backend"], calibration)
+    ds = build_dataset(spec, todo, plan, "torch" if beside else engine_check["backend"], ckpt.preprocess,
+                       calibration)
     first_row_s = None
     bar = tqdm(desc=spec.name, unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)
     try:

@@ -120,3 +120,34 @@ def test_resize_and_crop_matches_resize_then_crop():
     one = np.asarray(resize_and_crop(img, pre), dtype=np.int16)
     assert one.shape == (224, 224, 3)
     assert np.abs(one - two_step).mean() < 1.0  # resampling at box edges differs by a level or two
+
+
+def test_the_decode_stage_hands_the_model_the_same_pixels_and_errors():
+    """GPU clusters decode in Decoder actors; the model actor then reads `pixels` without a copy.
+    Rows, their order, the error columns and the pixels must equal decoding in the model actor."""
+    import pyarrow as pa
+
+    from pipeline.decode import Decoder, decode_records
+    from pipeline.sources import RECORD_SCHEMA
+
+    def rec(key: str, image: bytes, status: str = "record", error_type: str | None = None) -> dict:
+        return {"key": key, "image": image, "source_uri": "s3://b/s.tar", "source_etag": "e", "member": key,
+                "label": None, "status": status, "error_stage": "read" if error_type else None,
+                "error_type": error_type, "error_message": "unsafe" if error_type else None, "shard": "s3://b/s.tar",
+                "ordinal": len(key)}
+
+    rows = [rec("a", image_bytes(90, 50, seed=1)), rec("bad", b"not an image at all"),
+            rec("unsafe", b"", "error", "UnsafeMember"), rec("b", image_bytes(40, 70, "PNG", seed=2)),
+            rec("end", b"", "shard_end")]
+    table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+    fused_pixels, fused_cols = decode_records(table, PRE)
+
+    staged = Decoder(PRE.to_dict())(table.slice(1))  # a slice: the stage must honour the array offset
+    staged = pa.concat_tables([Decoder(PRE.to_dict())(table.slice(0, 1)), staged])
+    assert "image" not in staged.column_names and staged.column("key").to_pylist() == ["a", "bad", "unsafe", "b", "end"]
+    pixels, cols = decode_records(staged, PRE)
+    assert cols == fused_cols
+    assert cols["status"] == ["ok", "error", "error", "ok", "shard_end"]
+    assert cols["error_type"][1] == "UnsupportedFormat" and cols["error_type"][2] == "UnsafeMember"
+    assert pixels.shape == (5, 32, 32, 3) and np.array_equal(pixels, fused_pixels)
+    assert pixels[0].std() > 0 and not pixels[1].any()  # real pixels for ok rows, zeros for the others

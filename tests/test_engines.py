@@ -377,3 +377,23 @@ def test_the_gate_runs_beside_the_actors_only_for_engines_with_nothing_to_build(
     assert not gate_beside_actors(spec(backend="onnx", precision="int8"), cpu)  # calibration, cache
     assert not gate_beside_actors(spec(precision="bf16", compile=True), cpu)
     assert not gate_beside_actors(spec(precision="bf16"), gpu)  # checked where the actors' GPUs are
+
+
+def test_the_plan_gives_a_gpu_cluster_decode_actors_and_a_cpu_cluster_none():
+    from pipeline.config import JobSpec
+    from pipeline.runner import plan_resources
+
+    def spec(**resources) -> JobSpec:
+        return JobSpec.model_validate({"name": "t", "source": {"uri": "/in"}, "model": {"arch": "vit_ti_16"},
+                                       "resources": resources, "output": {"uri": "/out"}})
+
+    gpu_node, cpu_node = {"CPU": 16.0, "GPU": 1.0}, {"CPU": 2.0}
+    p = plan_resources(spec(), [gpu_node])  # 16 CPUs - 1 (model actor) - 2 readers x 0.25 -> 14 decoders
+    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor, p.decoders) == (1, 1.0, 1.0, 14)
+    p = plan_resources(spec(), [gpu_node, gpu_node, cpu_node])  # two GPUs: 34 - 2 - 1
+    assert (p.actors, p.decoders) == (2, 31)
+    assert plan_resources(spec(decode_actors=3), [gpu_node]).decoders == 3
+    p = plan_resources(spec(), [cpu_node, cpu_node])  # CPUs only: decoding stays inside the model actors
+    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor, p.decoders) == (2, 0.0, 1.75, 0)
+    p = plan_resources(spec(decode_actors=2), [{"CPU": 4.0}, {"CPU": 4.0}])  # asked for: CPUs come off the actors
+    assert (p.actors, p.cpus_per_actor, p.decoders) == (2, 2.75, 2)

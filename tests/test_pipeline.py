@@ -101,6 +101,29 @@ def test_bad_input_shard_is_confined_to_its_records(ray_cluster, s3):
     assert report.errors_by_type["UnsafeMember"] == 3
 
 
+def test_a_decode_stage_gives_the_same_rows_as_decoding_in_the_model_actor(ray_cluster, tmp_path):
+    """The GPU layout (decode actors between the readers and the model actor), run on CPUs:
+    same keys, same errors, same predictions as the CPU layout that decodes inside the actor."""
+    members, expected_errors, _ = bad_input_members()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad-00000.tar").write_bytes(tar_bytes(members))
+    write_shards(digit_jpegs("test")[:70], str(tmp_path / "in"), n_shards=2)
+    fused = run_job(_spec(str(tmp_path / "in"), str(tmp_path / "fused")))
+    staged = run_job(_spec(str(tmp_path / "in"), str(tmp_path / "staged"),
+                           resources={"decode_actors": 1, "actors": 1, "cpus_per_actor": 0.5}))
+    assert staged.records_read == fused.records_read and staged.error_rows == fused.error_rows == len(expected_errors)
+    assert staged.errors_by_type == fused.errors_by_type
+    a = pl.read_parquet(str(tmp_path / "fused" / "part-*.parquet")).sort("key")
+    b = pl.read_parquet(str(tmp_path / "staged" / "part-*.parquet")).sort("key")
+    assert a["key"].to_list() == b["key"].to_list() and a.height == fused.ok_rows
+    assert a["topk_ids"].to_list() == b["topk_ids"].to_list()
+    assert abs(a["embedding"].to_numpy() - b["embedding"].to_numpy()).max() < 1e-4
+    errors = [pl.read_parquet(str(tmp_path / d / "errors" / "part-*.parquet")).sort("key")
+              .select("key", "error_stage", "error_type") for d in ("fused", "staged")]
+    assert errors[0].to_dicts() == errors[1].to_dicts()
+    assert {(r["key"], r["error_type"]) for r in errors[1].to_dicts()} == set(expected_errors.items())
+
+
 def test_rerun_same_output_refuses_then_replaces(ray_cluster, tmp_path):
     write_shards(digit_jpegs("test")[:60], str(tmp_path / "in"), n_shards=2)
     out = tmp_path / "out"

@@ -28,33 +28,10 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from pipeline.decode import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401 (re-exported)
 from pipeline.model.vit import ViT, ViTConfig, config_for_arch, resize_pos_embed
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILTIN = {"builtin:digits": "digits_vit.safetensors"}
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How bytes become the model's input; travels with the checkpoint, not the job."""
-
-    image_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    # "crop": resize the shorter side to image_size / crop_pct, then center-crop (timm).
-    # "squash": resize straight to image_size x image_size (Hugging Face ViT).
-    resize: str = "crop"
-    crop_pct: float = 0.875
-
-    def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize, "crop_pct": self.crop_pct}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
-        return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   resize=d.get("resize", "crop"), crop_pct=float(d.get("crop_pct", 0.875)))
 
 
 @dataclass
