@@ -3,6 +3,7 @@
 #
 #   benchmarks/gpu_run.sh tests   # environment report + the GPU tests (tests/test_gpu.py, -m gpu)
 #   benchmarks/gpu_run.sh bench   # the side-by-side benchmark on the GPU (ViT-B/16 fp16 first)
+#   benchmarks/gpu_run.sh bench-short   # ViT-B/16 fp16 only, 10,000 images (~3 minutes)
 #
 # Results go to $OUT (default benchmarks/results/gpu). Where the machine lacks the project's
 # packages and cannot reach a registry, a prebuilt site-packages tarball for its Python
@@ -45,5 +46,13 @@ bench)
     --only a,b --engine-seconds 6 --out "$OUT" --name more-gpu 2>&1 | grep -v -E "INFO|WARNING|^\{" >> "$log"
   step "done"
   tail -n 40 "$OUT"/*.md
+  ;;
+bench-short)
+  # One short run for a lease with ~4 minutes left: ViT-B/16 fp16, every approach, 10,000 images.
+  step "ViT-B/16 fp16, all approaches, 10,000 images"
+  timeout 185 python3 -m benchmarks.bench --images 10000 --models vit_b_16 --precisions fp16 \
+    --engine-seconds 4 --out "$OUT" --name vit_b_16-10k-gpu 2>&1 | grep -v -E "INFO|WARNING|^\{" >> "$log"
+  step "done"
+  tail -n 30 "$OUT"/*.md
   ;;
 esac

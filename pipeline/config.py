@@ -125,7 +125,8 @@ class ResourcesSpec(Spec):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each model actor reserves.")
     read_cpus: float = Field(0.25, gt=0, description="CPUs each read actor reserves (reads are I/O-bound).")
     max_shards_in_flight: int | None = Field(
-        None, ge=1, description="Read actors (each reads one shard at a time); default two per model actor.")
+        None, ge=1, description="Read actors (each reads one shard at a time); default two per model actor, "
+                                "and on a cluster with GPUs at least one per three decode actors.")
     decode_actors: int | None = Field(
         None, ge=0, description="Decode actors (1 CPU each) between the readers and the model actors. Default: on a "
                                 "cluster with GPUs, the CPUs the model and read actors leave free; on CPUs only, 0 "

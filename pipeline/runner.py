@@ -47,6 +47,15 @@ class Plan:
     threads: int
     read_cpus: float
     decoders: int = 0  # decode actors of 1 CPU; 0: decoding runs inside the model actors
+    readers: int = 0  # read actors; 0: two per model actor
+
+    def read_actors(self, shards: int) -> int:
+        return min(self.readers or 2 * self.actors, shards)
+
+    def buffer_mb(self, per_actor: int) -> int:
+        """Object-store memory the run may hold in flight: per model actor and, where decode actors
+        feed a GPU, for every four of them too (each holds decoded pixels, 9.6 MB per 64 images)."""
+        return int((self.actors + self.decoders / 4) * per_actor)
 
 
 def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
@@ -66,10 +75,18 @@ def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
     if r.gpus_per_actor > 0 or (gpus and spec.engine.device != "cpu"):
         per_gpu = r.gpus_per_actor or 1.0
         actors = r.actors or max(1, int(gpus // per_gpu))
-        readers = r.max_shards_in_flight or 2 * actors
-        free = int(sum(cpus) - actors * r.cpus_per_actor - readers * read)
-        decoders = max(1, free) if r.decode_actors is None else r.decode_actors
-        return Plan(actors, r.cpus_per_actor, per_gpu, max(1, math.ceil(r.cpus_per_actor)), read, decoders)
+        # one read actor per 3 decoders: on the first GPU run, 2 readers for 14 decoders kept the
+        # decoders ~45% busy (a reader spends ~1 ms of CPU per image, a decoder ~6)
+        def readers_for(d: int) -> int:
+            return r.max_shards_in_flight or max(2 * actors, math.ceil(d / 3))
+
+        free = sum(cpus) - actors * r.cpus_per_actor
+        decoders = int(free) if r.decode_actors is None else r.decode_actors
+        while r.decode_actors is None and decoders > 1 and decoders + readers_for(decoders) * read > free:
+            decoders -= 1  # every actor must fit at once, or one waits for CPUs that never come
+        readers = readers_for(decoders)
+        return Plan(actors, r.cpus_per_actor, per_gpu, max(1, math.ceil(r.cpus_per_actor)), read, decoders,
+                    readers)
     decoders = r.decode_actors or 0  # asked for on CPUs only: they take their CPUs off the model actors
     if "cpus_per_actor" in r.model_fields_set:
         per = r.cpus_per_actor
@@ -81,7 +98,7 @@ def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
             raise RuntimeError(f"the cluster has too few CPUs ({sum(cpus)}) for a model actor and a read task")
         per = min(usable)
         actors = r.actors or len(usable)
-    return Plan(actors, per, 0.0, max(1, math.ceil(per)), read, decoders)
+    return Plan(actors, per, 0.0, max(1, math.ceil(per)), read, decoders, r.max_shards_in_flight or 0)
 
 
 @dataclass
@@ -222,7 +239,7 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str, 
                   calibration: np.ndarray | None = None) -> ray.data.Dataset:
     items = [{"shard": json.dumps(s.to_dict())} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    readers = min(spec.resources.max_shards_in_flight or 2 * plan.actors, len(shards))
+    readers = plan.read_actors(len(shards))
     ds = ds.map_batches(ShardReader, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
                         fn_constructor_kwargs={"source": spec.source.model_dump()},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=readers, initial_size=1))
@@ -325,7 +342,7 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     # Without a cap, Ray Data lets reads run ahead into half the object store: at 20,000 images the
     # benchmark's peak memory was 45% above the 2,000-image run; with it, memory stays flat.
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=plan.actors * spec.resources.buffer_mb_per_actor * 2**20)
+        object_store_memory=plan.buffer_mb(spec.resources.buffer_mb_per_actor) * 2**20)
     beside = gate_beside_actors(spec, plan)
     check, calibration = start_engine_check(spec, ckpt, todo, plan, beside=beside)
     # beside the actors, the check is finished below, before the first row reaches the sink
