@@ -64,7 +64,7 @@ class Monitor:
     def __init__(self, interval: float = 1.0):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
         self.proc = psutil.Process()
-        self.node_cpu: dict[int, dict[int, float]] = {}  # raylet pid -> {process pid: CPU seconds}, cumulative
+        self.node_of: dict[int, int] = {}  # process pid -> the pid of its node's raylet
         self.proc_cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds during the run)
         self._start_cpu: dict[int, float] = {}  # pid -> CPU seconds when first seen (processes alive before)
         self.gpu_samples: list[float] = []  # NVML's busy percentage of GPU 0, one per sample
@@ -99,15 +99,12 @@ class Monitor:
             self._stop.wait(self.interval)
 
     def _sample_nodes(self, procs: list[psutil.Process]) -> None:
-        """CPU seconds of each Ray node's processes (a ray.cluster_utils.Cluster runs one raylet
-        per node, and a node's workers are that raylet's children)."""
+        """Which node each process belongs to (a ray.cluster_utils.Cluster runs one raylet per
+        node, and a node's workers are that raylet's children); their CPU is _sample_roles'."""
         for raylet in (p for p in procs if _name(p) == "raylet"):
-            seen = self.node_cpu.setdefault(raylet.pid, {})
             with contextlib.suppress(psutil.Error):
                 for w in [raylet, *raylet.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        t = w.cpu_times()
-                        seen[w.pid] = t.user + t.system
+                    self.node_of[w.pid] = raylet.pid
 
     def _sample_roles(self, procs: list[psutil.Process]) -> None:
         """CPU seconds each process spent since the run began, with its role: the profile that says
@@ -132,8 +129,11 @@ class Monitor:
         return {r: round(v, 1) for r, v in sorted(roles.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
     def node_shares(self) -> list[float]:
-        """Each node's CPU seconds during the run, head first."""
-        return [round(sum(v.values()), 1) for _, v in sorted(self.node_cpu.items())]
+        """Each node's CPU seconds during the run (not since its processes started), head first."""
+        nodes: dict[int, float] = {}
+        for pid, raylet in self.node_of.items():
+            nodes[raylet] = nodes.get(raylet, 0.0) + self.proc_cpu.get(pid, ("", 0.0))[1]
+        return [round(v, 1) for _, v in sorted(nodes.items())]
 
     @property
     def gpu(self) -> float | None:

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class Spec(BaseModel):
@@ -124,9 +132,11 @@ class ResourcesSpec(Spec):
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each model actor reserves (and torch threads it uses).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each model actor reserves.")
     read_cpus: float = Field(0.25, gt=0, description="CPUs each read actor reserves (reads are I/O-bound).")
-    max_shards_in_flight: int | None = Field(
-        None, ge=1, description="Read actors (each reads one shard at a time); default two per model actor, "
-                                "and on a cluster with GPUs at least one per three decode actors.")
+    readers: int | None = Field(
+        None, ge=1, validation_alias=AliasChoices("readers", "max_shards_in_flight"),
+        description="Read actors (each reads one shard at a time); default two per model actor, and on a "
+                    "cluster with GPUs at least one per three decode actors. (Also accepted under its "
+                    "old name, max_shards_in_flight.)")
     decode_actors: int | None = Field(
         None, ge=0, description="Decode actors (1 CPU each) between the readers and the model actors. Default: on a "
                                 "cluster with GPUs, the CPUs the model and read actors leave free; on CPUs only, 0 "

@@ -66,8 +66,8 @@ def output_schema(embed_dim: int, outputs: OutputsSpec) -> pa.Schema:
 
 
 def predict_batch(batch: pa.Table, engine: Engine, pre: Preprocess, labels: list[str],
-                  outputs: OutputsSpec, pool: Executor | None = None) -> pa.Table:
-    """Records (RECORD_COLUMNS) -> output rows (output_schema): decode, run the engine, top-k."""
+                  outputs: OutputsSpec, pool: Executor | None = None, schema: pa.Schema | None = None) -> pa.Table:
+    """Records (RECORD_COLUMNS) -> output rows (output_schema; pass it in to build it once)."""
     pixels, cols = decode_records(batch, pre, pool)
     ok = np.flatnonzero(np.array(cols["status"]) == "ok")
     n = batch.num_rows
@@ -79,7 +79,7 @@ def predict_batch(batch: pa.Table, engine: Engine, pre: Preprocess, labels: list
         emb[ok] = e
         if engine.num_classes:
             logits[ok] = lg
-    schema = output_schema(engine.embed_dim, outputs)
+    schema = schema or output_schema(engine.embed_dim, outputs)
     if outputs.embeddings:
         dtype = np.float16 if outputs.embedding_dtype == "float16" else np.float32
         flat = pa.array(emb.astype(dtype).reshape(-1))
@@ -174,6 +174,8 @@ class Predictor:
         self.engine = TunedEngine(built.engine, e.batch_size, tune=e.tune_batch)
         self.outputs = spec.outputs
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
+        self.schema = output_schema(self.engine.embed_dim, self.outputs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs, self.pool)
+        return predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs, self.pool,
+                             self.schema)

@@ -78,7 +78,7 @@ def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
         # one read actor per 3 decoders: on the first GPU run, 2 readers for 14 decoders kept the
         # decoders ~45% busy (a reader spends ~1 ms of CPU per image, a decoder ~6)
         def readers_for(d: int) -> int:
-            return r.max_shards_in_flight or max(2 * actors, math.ceil(d / 3))
+            return r.readers or max(2 * actors, math.ceil(d / 3))
 
         free = sum(cpus) - actors * r.cpus_per_actor
         decoders = int(free) if r.decode_actors is None else r.decode_actors
@@ -98,7 +98,7 @@ def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
             raise RuntimeError(f"the cluster has too few CPUs ({sum(cpus)}) for a model actor and a read task")
         per = min(usable)
         actors = r.actors or len(usable)
-    return Plan(actors, per, 0.0, max(1, math.ceil(per)), read, decoders, r.max_shards_in_flight or 0)
+    return Plan(actors, per, 0.0, max(1, math.ceil(per)), read, decoders, r.readers or 0)
 
 
 @dataclass

@@ -36,6 +36,15 @@ def test_defaults_and_overrides(tmp_path):
     assert spec.output.mode == "error" and spec.source.format == "webdataset"
 
 
+def test_read_actors_keep_their_old_name(tmp_path):
+    """resources.max_shards_in_flight became resources.readers (it counts read actors, not shards);
+    specs written with the old name still mean the same."""
+    old = load_job_spec(_write(tmp_path, {**GOOD, "resources": {"max_shards_in_flight": 3}}))
+    new = load_job_spec(_write(tmp_path, GOOD), ["resources.readers=5"])
+    assert old.resources.readers == 3 and new.resources.readers == 5
+    assert "readers" in new.model_dump()["resources"] and "max_shards_in_flight" not in new.model_dump()["resources"]
+
+
 @pytest.mark.parametrize("patch,expect", [
     ({"engine": {"precision": "int4"}}, ["engine.precision", "'fp32', 'bf16', 'fp16', 'int8' or 'fp8'", "int4"]),
     ({"engine": {"batchsize": 8}}, ["engine.batchsize: unknown key"]),
