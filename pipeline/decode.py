@@ -148,9 +148,9 @@ def decode_records(batch: pa.Table, pre: Preprocess, pool: Executor | None = Non
     resampling), so the model does not wait on a single decoding core between batches."""
     cols = {c: batch.column(c).to_pylist() for c in STATUS_COLUMNS}
     S = pre.image_size
-    pixels = np.zeros((batch.num_rows, S, S, 3), dtype=np.uint8)  # (B, S, S, 3)
     if "pixels" in batch.column_names:  # decoded upstream by a Decoder: nothing left to do
         return pixels_of(batch, S), cols
+    pixels = np.zeros((batch.num_rows, S, S, 3), dtype=np.uint8)  # (B, S, S, 3)
     images = batch.column("image")
     todo = [i for i, status in enumerate(cols["status"]) if status == "record"]
 
@@ -190,7 +190,7 @@ class Decoder:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pixels, cols = decode_records(batch, self.pre)  # (B, S, S, 3)
-        row = pixels[0].nbytes if len(pixels) else self.pre.image_size ** 2 * 3
+        row = self.pre.image_size ** 2 * 3  # bytes per image
         column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row), len(pixels), [None, pa.py_buffer(pixels)])
         out = batch.drop_columns(["image", *STATUS_COLUMNS])
         for name in STATUS_COLUMNS:

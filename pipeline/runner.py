@@ -95,7 +95,7 @@ def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
         share = decoders / max(1, sum(1 for c in cpus if c))
         usable = [c - read - share for c in cpus if c - read - share >= 0.5]
         if not usable:
-            raise RuntimeError(f"the cluster has too few CPUs ({sum(cpus)}) for a model actor and a read task")
+            raise RuntimeError(f"the cluster has too few CPUs ({sum(cpus)}) for a model actor and a read actor")
         per = min(usable)
         actors = r.actors or len(usable)
     return Plan(actors, per, 0.0, max(1, math.ceil(per)), read, decoders, r.readers or 0)

@@ -22,7 +22,7 @@ def _write(tmp_path, data) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", ["label.yaml", "embed.yaml"])
+@pytest.mark.parametrize("name", ["label.yaml", "embed.yaml", "label-gpu.yaml"])
 def test_example_specs_are_valid(name):
     spec = load_job_spec(ROOT / "jobs" / name)
     assert spec.source.uri and spec.output.uri
