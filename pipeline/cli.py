@@ -215,7 +215,7 @@ def _show_rows(uri: str, n: int) -> None:
     if not ok or n <= 0:
         return
     with fs.open(f"{root.rstrip('/')}/{ok[0]['path']}", "rb") as fh:
-        table = pq.ParquetFile(fh).read_row_group(0).slice(0, n)
+        table = pq.ParquetFile(fh, pre_buffer=False).read_row_group(0, use_threads=False).slice(0, n)
     print(f"first {table.num_rows} rows:")
     for row in table.to_pylist():
         emb = row.get("embedding")

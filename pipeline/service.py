@@ -181,8 +181,10 @@ def error_summary(uri: str, examples: int = 2) -> dict:
         if f["kind"] != "errors":
             continue
         with fs.open(f"{root.rstrip('/')}/{f['path']}", "rb") as fh:
+            # no Arrow thread pools in a short CLI process: one `vitpipe errors` in CI died at exit
+            # (SIGABRT, "terminate called without an active exception") after finishing its work
             rows = pq.read_table(fh, columns=["key", "source_uri", "member", "error_stage", "error_type",
-                                              "error_message"]).to_pylist()
+                                              "error_message"], use_threads=False, pre_buffer=False).to_pylist()
         for r in rows:
             kind = f"{r['error_stage']}/{r['error_type']}"
             by_type[kind] += 1
