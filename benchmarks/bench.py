@@ -36,8 +36,9 @@ import psutil
 import torch
 from PIL import Image
 
+from pipeline.engines.torch_engine import DTYPES  # the same precision names as the engines
+
 BUCKET = "vitpipe-bench"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

@@ -21,6 +21,8 @@ fi
 log="$OUT/log-$1.txt"
 t0=$(date +%s)
 step() { echo "== $(( $(date +%s) - t0 )) s: $*" | tee -a "$log"; }
+bench() { local limit=$1; shift; timeout "$limit" python3 -m benchmarks.bench --out "$OUT" "$@" 2>&1 \
+            | grep -v -E "INFO|WARNING|^\{" >> "$log"; }  # the tables go to $OUT; the log keeps what else it said
 
 case "$1" in
 tests)
@@ -39,19 +41,17 @@ bench)
   # and ViT-Ti for vitpipe and the engine alone. Each run writes its table as it goes, so a
   # run cut off by the lease still leaves what it measured.
   step "ViT-B/16 fp16, all approaches"
-  timeout 300 python3 -m benchmarks.bench --images 20000 --models vit_b_16 --precisions fp16 \
-    --engine-seconds 6 --out "$OUT" --name vit_b_16-gpu 2>&1 | grep -v -E "INFO|WARNING|^\{" >> "$log"
+  bench 300 --images 20000 --models vit_b_16 --precisions fp16 --engine-seconds 6 --name vit_b_16-gpu
   step "vit_b_16 fp32 and vit_ti_16 fp16: engine alone and vitpipe"
-  timeout 150 python3 -m benchmarks.bench --images 20000 --models vit_b_16,vit_ti_16 --precisions fp32,fp16 \
-    --only a,b --engine-seconds 6 --out "$OUT" --name more-gpu 2>&1 | grep -v -E "INFO|WARNING|^\{" >> "$log"
+  bench 150 --images 20000 --models vit_b_16,vit_ti_16 --precisions fp32,fp16 --only a,b --engine-seconds 6 \
+    --name more-gpu
   step "done"
   tail -n 40 "$OUT"/*.md
   ;;
 bench-short)
   # One short run for a lease with ~4 minutes left: ViT-B/16 fp16, every approach, 10,000 images.
   step "ViT-B/16 fp16, all approaches, 10,000 images"
-  timeout 185 python3 -m benchmarks.bench --images 10000 --models vit_b_16 --precisions fp16 \
-    --engine-seconds 4 --out "$OUT" --name vit_b_16-10k-gpu 2>&1 | grep -v -E "INFO|WARNING|^\{" >> "$log"
+  bench 185 --images 10000 --models vit_b_16 --precisions fp16 --engine-seconds 4 --name vit_b_16-10k-gpu
   step "done"
   tail -n 30 "$OUT"/*.md
   ;;

@@ -134,17 +134,18 @@ def needs_gate(spec: JobSpec) -> bool:
 
 
 def check_engine(job: dict, images: np.ndarray, threads: int, calibration: np.ndarray | None = None,
-                 backend: str | None = None) -> dict:
+                 backend: str | None = None, ckpt: Checkpoint | None = None) -> dict:
     """Build the job's engine where it will run (filling the cache), then gate it against torch fp32.
 
     images: the gate's batch; calibration: the int8/fp8 calibration batch (other images);
-    backend: overrides the spec's (what the driver resolved `auto` to)."""
+    backend: overrides the spec's (what the driver resolved `auto` to); ckpt: the job's checkpoint
+    where the caller has it loaded already (the driver, for a gate beside the actors)."""
     from pipeline.engines.gate import compare
     from pipeline.engines.torch_engine import TorchEngine
 
     spec = JobSpec.model_validate(job)
     e = spec.engine
-    ckpt = load_model(spec)
+    ckpt = ckpt or load_model(spec)
     built = build_engine(ckpt, backend or e.backend, e.precision, e.device, threads, max_batch=e.batch_size,
                          cache_uri=e.cache_uri, compile=e.compile, calibration=calibration)
     out = {"backend": built.backend, "reason": built.reason, "cache": built.cache, "engine": built.engine.info.name,

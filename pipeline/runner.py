@@ -193,7 +193,7 @@ def start_engine_check(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], pla
         images = calibration
     if beside:  # a thread of this process, which has torch and the model loaded
         pool = ThreadPoolExecutor(1, thread_name_prefix="gate")
-        future = pool.submit(check_engine, spec.model_dump(), images, plan.threads, calibration, "torch")
+        future = pool.submit(check_engine, spec.model_dump(), images, plan.threads, calibration, "torch", ckpt)
         pool.shutdown(wait=False)
         return future, calibration
     task = ray.remote(check_engine).options(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
