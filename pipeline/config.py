@@ -76,6 +76,13 @@ class GateSpec(Spec):
     samples: int = Field(64, ge=1, description="Calibration images taken from the job's own first shard.")
     min_cosine: float = Field(0.999, ge=-1, le=1, description="Least mean embedding cosine to torch fp32.")
     min_top1: float = Field(0.99, ge=0, le=1, description="Least top-1 agreement with torch fp32.")
+    placement: Literal["auto", "first", "driver", "actors"] = Field(
+        "auto", description="Where the check runs. first: one Ray task with the actors' resources builds, caches "
+                            "and checks the engine before any actor starts; driver: a thread of the driver while "
+                            "the actors start (CPU engines only); actors: every model actor checks its own engine "
+                            "before its first row. auto: actors for a torch engine on GPUs, driver for a torch "
+                            "engine on CPUs, first for engines with a build to cache (ONNX, TensorRT, int8/fp8, "
+                            "torch.compile). No row is written before a check passes, wherever it runs.")
 
 
 class EngineSpec(Spec):

@@ -8,19 +8,22 @@ plain function, so the stage is tested without Ray.
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline.config import JobSpec, OutputsSpec
 from pipeline.decode import DecodeError, Preprocess, decode_image, decode_records
-from pipeline.engines.base import Engine, build_engine
+from pipeline.engines.base import BuiltEngine, Engine, build_engine
 from pipeline.engines.batching import TunedEngine
 from pipeline.model.checkpoints import Checkpoint, load_checkpoint
 
+ENGINE_CHECK = "engine_check"  # the status of the marker row that carries an actor's engine check
 PASS_THROUGH = ("key", "source_uri", "source_etag", "member", "label", "shard", "ordinal")
 
 
@@ -29,8 +32,6 @@ def load_model(spec: JobSpec) -> Checkpoint:
     m = spec.model
     labels = None
     if m.labels:
-        import json
-
         import fsspec
 
         with fsspec.open(m.labels, "r") as f:
@@ -140,14 +141,22 @@ def check_engine(job: dict, images: np.ndarray, threads: int, calibration: np.nd
     images: the gate's batch; calibration: the int8/fp8 calibration batch (other images);
     backend: overrides the spec's (what the driver resolved `auto` to); ckpt: the job's checkpoint
     where the caller has it loaded already (the driver, for a gate beside the actors)."""
-    from pipeline.engines.gate import compare
-    from pipeline.engines.torch_engine import TorchEngine
-
     spec = JobSpec.model_validate(job)
     e = spec.engine
     ckpt = ckpt or load_model(spec)
     built = build_engine(ckpt, backend or e.backend, e.precision, e.device, threads, max_batch=e.batch_size,
                          cache_uri=e.cache_uri, compile=e.compile, calibration=calibration)
+    return engine_check(spec, ckpt, built, images, threads)
+
+
+def engine_check(spec: JobSpec, ckpt: Checkpoint, built: BuiltEngine, images: np.ndarray, threads: int) -> dict:
+    """What the manifest records of a built engine: which backend and why, its cache, and the
+    gate's figures on `images` against a torch fp32 reference on the same device (None when the
+    job needs no gate). The reference is dropped afterwards, so an actor keeps one model."""
+    from pipeline.engines.gate import compare
+    from pipeline.engines.torch_engine import TorchEngine
+
+    e = spec.engine
     out = {"backend": built.backend, "reason": built.reason, "cache": built.cache, "engine": built.engine.info.name,
            "gate": None}
     if e.gate.enabled and needs_gate(spec) and len(images):
@@ -156,10 +165,28 @@ def check_engine(job: dict, images: np.ndarray, threads: int, calibration: np.nd
     return out
 
 
+def check_row(check: dict, schema: pa.Schema) -> pa.Table:
+    """A marker row carrying an actor's engine check to the driver, ahead of that actor's rows.
+    Like a shard's end marker it travels with the data (status says what it is, a spare column
+    holds the payload), so no side channel is needed; the driver removes it (pop_checks)."""
+    row = {f.name: pa.nulls(1, f.type) for f in schema}
+    row["status"] = pa.array([ENGINE_CHECK])
+    row["error_message"] = pa.array([json.dumps(check)])
+    return pa.table(row, schema=schema)
+
+
+def pop_checks(table: pa.Table) -> tuple[pa.Table, list[dict]]:
+    """Split the engine-check markers (check_row) off a batch of output rows."""
+    marker = pc.equal(table.column("status"), ENGINE_CHECK)
+    checks = [json.loads(m) for m in table.filter(marker).column("error_message").to_pylist()]
+    return (table.filter(pc.invert(marker)) if checks else table), checks
+
+
 class Predictor:
     """The Ray actor: constructed once per actor, called once per batch."""
 
-    def __init__(self, job: dict, threads: int, backend: str | None = None, calibration: Any = None):
+    def __init__(self, job: dict, threads: int, backend: str | None = None, calibration: Any = None,
+                 gate_images: Any = None):
         spec = JobSpec.model_validate(job)
         e = spec.engine
         self.ckpt: Checkpoint = load_model(spec)
@@ -167,16 +194,25 @@ class Predictor:
         # `calibration` (a Ray object ref: Ray Data keeps constructor kwargs inside its own pickled
         # state, so refs there are not resolved for us) is the int8/fp8 batch the gate step calibrated
         # on: its digest keys the cached graph, and an actor that misses the cache builds the same one.
-        if isinstance(calibration, ray.ObjectRef):
-            calibration = ray.get(calibration)
+        calibration, gate_images = (ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in (calibration, gate_images))
         built = build_engine(self.ckpt, backend or e.backend, e.precision, e.device, threads,
                              max_batch=e.batch_size, cache_uri=e.cache_uri, compile=e.compile,
                              calibration=calibration)
+        # engine.gate.placement actors: this actor checks its own engine now, on its own device, and
+        # sends the figures ahead of its first rows (no separate GPU process to start just for the gate)
+        self.check = None if gate_images is None else engine_check(spec, self.ckpt, built, gate_images, threads)
         self.engine = TunedEngine(built.engine, e.batch_size, tune=e.tune_batch)
         self.outputs = spec.outputs
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
         self.schema = output_schema(self.engine.embed_dim, self.outputs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs, self.pool,
-                             self.schema)
+        check, self.check = self.check, None
+        if check and check["gate"] and not check["gate"]["passed"]:
+            from pipeline.engines.gate import FIX, GateError, GateResult
+
+            raise GateError(f"{GateResult(**check['gate']).describe()} (checked in a model actor); no row was "
+                            f"written. {FIX}")
+        out = predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs, self.pool,
+                            self.schema)
+        return out if check is None else pa.concat_tables([check_row(check, self.schema), out])

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.config import JobSpec
 from pipeline.decode import Decoder, Preprocess
 from pipeline.engines.base import resolve_backend
-from pipeline.engines.gate import GateError, GateResult
+from pipeline.engines.gate import FIX, GateError, GateResult
 from pipeline.engines.quantize import QUANTIZED
 from pipeline.model.checkpoints import Checkpoint
 from pipeline.predict import (
@@ -32,6 +32,7 @@ from pipeline.predict import (
     load_model,
     needs_gate,
     output_schema,
+    pop_checks,
 )
 from pipeline.sink import ParquetSink, versions
 from pipeline.sources import Shard, ShardReader, list_shards
@@ -175,29 +176,59 @@ def init_ray(spec: JobSpec) -> None:
                  logging_level=logging.WARNING)
 
 
-def start_engine_check(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: Plan,
-                       beside: bool = False) -> tuple[dict | ray.ObjectRef | Future, np.ndarray | None]:
-    """Start building (and caching) the engine and its accuracy gate on a worker with the model
-    actors' resources; returns the check (done, or an object ref or future to finish_engine_check)
-    and, for int8/fp8, the calibration batch: the first engine.calibration_samples images of the
-    job (the gate uses the ones after). `beside` (gate_beside_actors: a CPU torch engine) runs the
-    check in a thread of this process instead, while the actors start."""
+def gate_placement(spec: JobSpec, plan: Plan) -> tuple[str, str | None]:
+    """Where the engine's accuracy gate runs (engine.gate.placement), and the backend the actors are
+    told to use (None: what the check resolves, or each GPU actor's own resolution of `auto`).
+
+    auto: a torch engine has nothing to build or cache, so its check need not hold the actors
+    back. On CPUs it runs in a driver thread while the actors start (bf16, 2,000 images: first
+    model call 8.9 -> 6.4 s). On GPUs each model actor checks its own engine: as a task of its own
+    the gate started a second GPU process first (worker, torch import, CUDA init, the model built
+    twice), 8-10 s of the H200 run's 16.6 s to the first row. Engines with a build step (ONNX
+    export, TensorRT, int8/fp8 calibration, torch.compile) are built, cached and checked first, so
+    that the actors load them instead of each building them."""
     e = spec.engine
-    if not needs_gate(spec) and (beside or e.backend == "torch"):
-        return {"backend": "torch", "reason": "asked for in the job spec (fp32: the reference, no gate)",
-                "cache": "", "gate": None}, None
+    gpu = plan.gpus_per_actor > 0
+    # the driver cannot resolve `auto` for GPU actors (it may have no GPU, or another kind)
+    backend = (None if e.backend == "auto" else e.backend) if gpu else resolve_backend(e.backend, e.precision, "cpu")[0]
+    where = e.gate.placement
+    if where == "auto":
+        where = ("actors" if gpu else "driver") if backend == "torch" and not e.compile else "first"
+    if where == "driver" and gpu:
+        raise ValueError("engine.gate.placement: driver runs the engine in the driver process, which has no GPU "
+                         "reserved for it; use actors (each GPU actor checks its own engine) or first")
+    return where, backend
+
+
+def start_engine_check(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: Plan, where: str = "first",
+                       backend: str | None = None) -> tuple[dict | ray.ObjectRef | Future | None, np.ndarray | None,
+                                                            np.ndarray | None]:
+    """Start building (and caching) the engine and its accuracy gate where gate_placement says;
+    returns (the check, the calibration batch, the gate's images for the actors).
+
+    The check is a dict when done, an object ref (first: a task with the model actors' resources)
+    or a future (driver: a thread of this process) to pass to finish_engine_check, or None
+    (actors: each actor's figures arrive with its first rows, see Predictor). For int8/fp8 the
+    calibration batch is the first engine.calibration_samples images of the job; the gate uses
+    the engine.gate.samples after them."""
+    e = spec.engine
+    if not needs_gate(spec) and (where != "first" or e.backend == "torch"):
+        return {"backend": backend or e.backend, "reason": "asked for in the job spec (fp32: the reference, "
+                "no gate)", "cache": "", "gate": None}, None, None
     n_cal = e.calibration_samples if e.precision in QUANTIZED else 0
     images = calibration_images(spec, shards, ckpt.preprocess, n_cal + e.gate.samples)
     calibration, images = (images[:n_cal], images[n_cal:]) if n_cal else (None, images)
     if calibration is not None and len(images) == 0:  # a tiny job: gate on the calibration images
         images = calibration
-    if beside:  # a thread of this process, which has torch and the model loaded
+    if where == "actors":
+        return None, calibration, images
+    if where == "driver":  # a thread of this process, which has torch and the model loaded
         pool = ThreadPoolExecutor(1, thread_name_prefix="gate")
-        future = pool.submit(check_engine, spec.model_dump(), images, plan.threads, calibration, "torch", ckpt)
+        future = pool.submit(check_engine, spec.model_dump(), images, plan.threads, calibration, backend, ckpt)
         pool.shutdown(wait=False)
-        return future, calibration
+        return future, calibration, None
     task = ray.remote(check_engine).options(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
-    return task.remote(spec.model_dump(), images, plan.threads, calibration), calibration
+    return task.remote(spec.model_dump(), images, plan.threads, calibration, backend), calibration, None
 
 
 def finish_engine_check(check: dict | ray.ObjectRef | Future, calibration: np.ndarray | None) -> dict:
@@ -212,31 +243,18 @@ def finish_engine_check(check: dict | ray.ObjectRef | Future, calibration: np.nd
         g = GateResult(**gate)
         print(g.describe(), file=sys.stderr)
         if not g.passed:
-            raise GateError(g.describe() + "; the job did not start. Use a higher precision, another backend, "
-                            "or lower engine.gate thresholds if this is expected")
+            raise GateError(f"{g.describe()}; the job did not start. {FIX}")
     return result
-
-
-def gate_beside_actors(spec: JobSpec, plan: Plan) -> bool:
-    """True when the gate may run while the actors start: a torch engine on CPU is built inside
-    each actor in well under a second and caches nothing, so there is no build to wait for, and
-    the gate (a second torch import, the fp32 reference on engine.gate.samples images) overlaps the
-    actors' own start-up (4.3 s of the 2,000-image bf16 benchmark's 8.9 s to the first model call).
-    Engines with a compile step (ONNX export, TensorRT, int8 calibration, torch.compile) are built
-    and cached by the check first, so that the actors load them instead of building them again."""
-    e = spec.engine
-    return (plan.gpus_per_actor == 0 and not e.compile
-            and resolve_backend(e.backend, e.precision, "cpu")[0] == "torch")
 
 
 def prepare_engine(spec: JobSpec, ckpt: Checkpoint, shards: list[Shard], plan: Plan) -> tuple[dict, np.ndarray | None]:
     """Build, cache and gate the engine before any bulk work. Raises GateError on a miss."""
-    check, calibration = start_engine_check(spec, ckpt, shards, plan)
+    check, calibration, _ = start_engine_check(spec, ckpt, shards, plan)
     return finish_engine_check(check, calibration), calibration
 
 
-def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str, preprocess: Preprocess,
-                  calibration: np.ndarray | None = None) -> ray.data.Dataset:
+def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str | None, preprocess: Preprocess,
+                  calibration: np.ndarray | None = None, gate_images: np.ndarray | None = None) -> ray.data.Dataset:
     items = [{"shard": json.dumps(s.to_dict())} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     readers = plan.read_actors(len(shards))
@@ -251,7 +269,8 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str, 
     return ds.map_batches(
         Predictor, batch_size=spec.engine.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads, "backend": backend,
-                               "calibration": None if calibration is None else ray.put(calibration)},
+                               "calibration": None if calibration is None else ray.put(calibration),
+                               "gate_images": None if gate_images is None else ray.put(gate_images)},
         # min 1, not a fixed size: when a node dies and its actor cannot be placed again, the run goes on
         # with the actors that remain instead of waiting for the lost capacity forever.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(plan.actors, len(shards)),
@@ -343,12 +362,13 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     # benchmark's peak memory was 45% above the 2,000-image run; with it, memory stays flat.
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=plan.buffer_mb(spec.resources.buffer_mb_per_actor) * 2**20)
-    beside = gate_beside_actors(spec, plan)
-    check, calibration = start_engine_check(spec, ckpt, todo, plan, beside=beside)
-    # beside the actors, the check is finished below, before the first row reaches the sink
-    engine_check = None if beside else finish_engine_check(check, calibration)
-    ds = build_dataset(spec, todo, plan, "torch" if beside else engine_check["backend"], ckpt.preprocess,
-                       calibration)
+    where, backend = gate_placement(spec, plan)
+    check, calibration, gate_images = start_engine_check(spec, ckpt, todo, plan, where,
+                                                         None if where == "first" else backend)
+    # first: finished here, before the dataset starts; driver and actors: below, before the first row
+    engine_check = finish_engine_check(check, calibration) if where == "first" or isinstance(check, dict) else None
+    ds = build_dataset(spec, todo, plan, engine_check["backend"] if where == "first" else backend, ckpt.preprocess,
+                       calibration, gate_images)
     first_row_s = None
     bar = tqdm(desc=spec.name, unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)
     try:
@@ -356,7 +376,14 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
         # (1) the driver held each block until the next one arrived, a shard late (first row 10-11 s
         # -> 8.2 s in the 2,000-image benchmark)
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            table, checks = pop_checks(table)  # each actor's own check, ahead of its first rows
+            for c in checks:
+                result = finish_engine_check(c, calibration)
+                engine_check = engine_check or result
             if engine_check is None:  # a gate miss raises here: no row was written, the run aborts
+                if check is None:
+                    raise RuntimeError("model stage: rows arrived from an actor that sent no engine check first "
+                                       "(engine.gate.placement actors); this is a bug, please report it")
                 engine_check = finish_engine_check(check, calibration)
             if first_row_s is None:
                 first_row_s = time.time() - t0
@@ -364,8 +391,28 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
             c = sink.counts
             bar.update(c.records + sum(c.skipped.values()) - bar.n)
             bar.set_postfix(ok=c.ok, errors=c.error_rows, shards=f"{len(sink.done)}/{len(todo)}", refresh=False)
+    except Exception as exc:
+        gate_miss = _gate_error(exc)
+        if gate_miss is None:
+            raise
+        raise gate_miss from None  # an actor's check failed: its message, not Ray's wrapping of it
     finally:
         bar.close()
     if engine_check is None:
-        engine_check = finish_engine_check(check, calibration)
+        engine_check = finish_engine_check(check, calibration) if check is not None else {
+            "backend": backend or spec.engine.backend, "reason": "no batch reached a model actor", "cache": "",
+            "gate": None}
     return engine_check, plan, first_row_s
+
+
+def _gate_error(exc: BaseException) -> GateError | None:
+    """The GateError a model actor raised, out of Ray's wrapping of it. Ray hands the driver a
+    RayTaskError whose text holds the actor's traceback; the GateError object itself does not
+    survive the trip, so its message line is taken from that text."""
+    marker = f"{GateError.__module__}.GateError: "
+    text = str(exc)
+    if isinstance(exc, GateError) and marker not in text:
+        return exc
+    if marker not in text:
+        return None
+    return GateError(text.split(marker, 1)[1].splitlines()[0].strip())

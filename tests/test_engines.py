@@ -391,9 +391,9 @@ def test_batch_tuner_off_runs_whole_batches(small_ckpt, images):
     assert tuned.chosen == 6 and slow.calls == [6]
 
 
-def test_the_gate_runs_beside_the_actors_only_for_engines_with_nothing_to_build():
+def test_the_gate_waits_for_nothing_but_a_build_and_never_runs_in_a_driver_without_the_gpu():
     from pipeline.config import JobSpec
-    from pipeline.runner import Plan, gate_beside_actors
+    from pipeline.runner import Plan, gate_placement
 
     cpu, gpu = Plan(1, 1.75, 0.0, 2, 0.25), Plan(1, 1.0, 1.0, 1, 0.25)
 
@@ -401,12 +401,23 @@ def test_the_gate_runs_beside_the_actors_only_for_engines_with_nothing_to_build(
         return JobSpec.model_validate({"name": "t", "source": {"uri": "/in"}, "model": {"arch": "vit_ti_16"},
                                        "engine": engine, "output": {"uri": "/out"}})
 
-    assert gate_beside_actors(spec(precision="bf16"), cpu)
-    assert gate_beside_actors(spec(backend="auto", precision="bf16"), cpu)  # auto -> torch for CPU bf16
-    assert not gate_beside_actors(spec(backend="auto", precision="fp32"), cpu)  # -> onnx: export, cache
-    assert not gate_beside_actors(spec(backend="onnx", precision="int8"), cpu)  # calibration, cache
-    assert not gate_beside_actors(spec(precision="bf16", compile=True), cpu)
-    assert not gate_beside_actors(spec(precision="bf16"), gpu)  # checked where the actors' GPUs are
+    # torch has nothing to build: on CPUs the check runs in the driver while the actors start,
+    # on GPUs inside each model actor (no second GPU process just for the gate)
+    assert gate_placement(spec(precision="bf16"), cpu) == ("driver", "torch")
+    assert gate_placement(spec(backend="auto", precision="bf16"), cpu) == ("driver", "torch")  # auto -> torch
+    assert gate_placement(spec(precision="fp16"), gpu) == ("actors", "torch")
+    # a build to cache first: ONNX export, int8 calibration, torch.compile
+    assert gate_placement(spec(backend="auto", precision="fp32"), cpu) == ("first", "onnx")
+    assert gate_placement(spec(backend="onnx", precision="int8"), cpu)[0] == "first"
+    assert gate_placement(spec(precision="bf16", compile=True), cpu)[0] == "first"
+    assert gate_placement(spec(precision="fp16", compile=True), gpu)[0] == "first"
+    # auto on GPUs may mean TensorRT: resolved and built on a GPU worker, not by this driver
+    assert gate_placement(spec(backend="auto", precision="fp16"), gpu) == ("first", None)
+    # asked for
+    assert gate_placement(spec(precision="bf16", gate={"placement": "actors"}), cpu) == ("actors", "torch")
+    assert gate_placement(spec(precision="bf16", gate={"placement": "first"}), cpu) == ("first", "torch")
+    with pytest.raises(ValueError, match="placement: driver .* no GPU"):
+        gate_placement(spec(precision="fp16", gate={"placement": "driver"}), gpu)
 
 
 def test_the_plan_gives_a_gpu_cluster_decode_actors_and_a_cpu_cluster_none():

@@ -149,15 +149,21 @@ def test_rerun_same_output_refuses_then_replaces(ray_cluster, tmp_path):
     assert len(old_rows) == len(first_rows) == 60
 
 
-def test_float16_gap_embeddings_only(ray_cluster, tmp_path):
-    write_shards(digit_jpegs("test")[:40], str(tmp_path / "in"), n_shards=1)
+@pytest.mark.parametrize("placement", ["auto", "actors"])
+def test_float16_gap_embeddings_only(ray_cluster, tmp_path, placement):
+    write_shards(digit_jpegs("test")[:40], str(tmp_path / "in"), n_shards=2)
     out = tmp_path / "emb"
     report = run_job(_spec(str(tmp_path / "in"), str(out), model={"pooling": "gap"},
-                           outputs={"top_k": 0, "embedding_dtype": "float16"}, engine={"precision": "bf16"}))
-    assert report.ok_rows == 40
-    # bf16 on CPU: the gate ran beside the actors' start, and its result still reached the report
+                           outputs={"top_k": 0, "embedding_dtype": "float16"},
+                           engine={"precision": "bf16", "gate": {"placement": placement}}))
+    assert report.ok_rows == 40 and report.error_rows == 0 and report.actors == 2
+    # bf16 on CPU: the gate ran beside the actors' start (auto: in the driver) or inside each of the
+    # two actors, whose figures came ahead of their rows; either way they reached the report
     assert report.engine == "torch-cpu-bf16" and report.gate["passed"] and report.gate["samples"] == 40
-    assert json.loads((out / "_manifest.json").read_text())["engine_check"]["gate"]["cosine_mean"] > 0.999
+    check = json.loads((out / "_manifest.json").read_text())["engine_check"]
+    assert check["gate"]["cosine_mean"] > 0.999 and check["backend"] == "torch"
+    assert check["engine"].startswith("torch-cpu-bf16")
+    assert not [p for p in out.rglob("*.parquet") if "errors" in p.parts]  # no check marker reached the output
     schema = pq.read_schema(next(out.glob("part-*.parquet")))
     assert str(schema.field("embedding").type) == "fixed_size_list<element: halffloat>[96]"
     assert "topk_ids" not in schema.names
@@ -214,14 +220,16 @@ def test_int8_is_calibrated_on_the_jobs_images_gated_and_labels_them(ray_cluster
     assert np.array_equal(actor.engine.run(x)[1], cached.engine.run(x)[1])
 
 
-def test_gate_miss_stops_the_job_before_any_output(ray_cluster, tmp_path):
+@pytest.mark.parametrize("placement", ["driver", "actors"])
+def test_gate_miss_stops_the_job_before_any_output(ray_cluster, tmp_path, placement):
     from pipeline.engines.gate import GateError
 
     write_shards(digit_jpegs("test")[:32], str(tmp_path / "in"), n_shards=1)
     out = tmp_path / "out"
-    with pytest.raises(GateError, match=r"FAILED .* cosine mean 0\.9\d+ .*need >= 1\.0"):
-        run_job(_spec(str(tmp_path / "in"), str(out), engine={"precision": "bf16", "gate": {"min_cosine": 1.0}}))
-    # The gate ran beside the actors' start (a CPU torch engine), but no row reached the sink:
+    with pytest.raises(GateError, match=r"FAILED .* cosine mean 0\.9\d+ .*need >= 1\.0.* higher precision"):
+        run_job(_spec(str(tmp_path / "in"), str(out),
+                      engine={"precision": "bf16", "gate": {"min_cosine": 1.0, "placement": placement}}))
+    # The gate ran beside the actors' start or inside the actor, but no row reached the sink:
     # nothing committed and nothing staged that a later run could adopt.
     assert not (out / "_SUCCESS").exists() and not list(out.rglob("*.parquet"))
 

@@ -37,6 +37,9 @@ class GateResult:
                 f"{top1} (need >= {self.min_top1})")
 
 
+FIX = "Use a higher precision, another backend, or lower engine.gate thresholds if this is expected"
+
+
 class GateError(RuntimeError):
     """The engine disagrees with torch fp32 beyond the job's thresholds."""
 
