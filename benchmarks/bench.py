@@ -541,7 +541,9 @@ def markdown(results: list[Result], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=2000, help="how many images [2000]")
+    p.add_argument("--images", default="2000",
+                   help="how many images; a comma-separated list gives each model of --models its own count, so "
+                        "one run covers ViT-Ti at 2,000 and ViT-B at 320 on a small machine [2000]")
     p.add_argument("--models", default="vit_ti_16", help="comma-separated archs [vit_ti_16]")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated [fp32,bf16]")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -577,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.s3local import environ, start_seaweedfs
 
     only = set(args.only.split(","))
+    models = args.models.split(",")
+    counts = images_per_model(args.images, models)
+    args.images = ", ".join(f"{counts[m]} ({m})" for m in models) if len(set(counts.values())) > 1 else \
+        str(counts[models[0]])
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="vitpipe-bench-") as tmp:
         server = start_seaweedfs(Path(tmp) / "s3") if args.s3 == "local" else None
@@ -585,14 +591,16 @@ def main(argv: list[str] | None = None) -> int:
                 fs = s3fs.S3FileSystem(skip_instance_cache=True)
                 if not fs.exists(BUCKET):
                     fs.mkdir(BUCKET)
-                t = time.time()
-                src = generate_input(fs, args.images)
-                print(f"input: {args.images} JPEGs in {src} ({time.time() - t:.0f} s to make)", flush=True)
+                inputs = {}
+                for n in sorted(set(counts.values())):
+                    t = time.time()
+                    inputs[n] = generate_input(fs, n)
+                    print(f"input: {n} JPEGs in {inputs[n]} ({time.time() - t:.0f} s to make)", flush=True)
                 cluster = start_ray(args.nodes)
                 ctx = ray.data.DataContext.get_current()
                 ctx.enable_progress_bars = False
-                for arch in args.models.split(","):
-                    ckpt = random_checkpoint(arch)
+                for arch in models:
+                    ckpt, src = random_checkpoint(arch), inputs[counts[arch]]
                     for prec in args.precisions.split(","):
                         tag = f"{arch}-{prec}"
                         dev = args.device
@@ -628,6 +636,16 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
     print(write_results(args, results))
     return 0
+
+
+def images_per_model(images: str, models: list[str]) -> dict[str, int]:
+    """--images "2000" (every model) or "2000,640,320" (one count per model, in order)."""
+    counts = [int(x) for x in images.split(",")]
+    if len(counts) == 1:
+        counts *= len(models)
+    if len(counts) != len(models) or min(counts) < 1:
+        raise SystemExit(f"--images {images!r}: give one count, or one per model of --models ({len(models)})")
+    return dict(zip(models, counts, strict=True))
 
 
 def start_ray(nodes: int):

@@ -36,3 +36,15 @@ def test_vitpipe_bench_on_a_two_node_cluster_says_how_work_divides(s3_server, tm
     assert "Cluster, 2 nodes" in table
     row = next(line for line in table.splitlines() if line.startswith("| b vitpipe |"))
     assert "2 actor(s)" in row and row.count("%)") == 2  # CPU seconds of each node, with its share
+
+
+def test_bench_gives_each_model_its_own_image_count_or_refuses():
+    from benchmarks.bench import images_per_model
+
+    models = ["vit_ti_16", "vit_s_16", "vit_b_16"]
+    assert images_per_model("2000,640,320", models) == {"vit_ti_16": 2000, "vit_s_16": 640, "vit_b_16": 320}
+    assert images_per_model("500", models) == dict.fromkeys(models, 500)
+    with pytest.raises(SystemExit, match="one per model"):
+        images_per_model("2000,640", models)
+    with pytest.raises(SystemExit, match="one per model"):
+        images_per_model("0", models)

@@ -312,8 +312,10 @@ def test_runs_history_errors_summary_and_retry_spec(ray_cluster, tmp_path):
     runs = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", str(out)], capture_output=True, text=True)
     assert report.run_id in runs.stdout and "succeeded" in runs.stdout
     retry = tmp_path / "retry.yaml"
-    errs = subprocess.run([sys.executable, "-m", "pipeline.cli", "errors", str(out), "--retry-spec", str(retry)],
-                          capture_output=True, text=True)
+    # faulthandler: one CI run saw this process abort at exit (SIGABRT) after its output; if it
+    # happens again, stderr names the native thread (the assertion below prints it)
+    errs = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "pipeline.cli", "errors", str(out),
+                           "--retry-spec", str(retry)], capture_output=True, text=True)
     assert errs.returncode == 0, errs.stderr
     assert f"{report.error_rows} error rows" in errs.stdout and "decode/DecompressionBomb" in errs.stdout
     spec = yaml.safe_load(retry.read_text())
