@@ -194,7 +194,8 @@ class Predictor:
         # `calibration` (a Ray object ref: Ray Data keeps constructor kwargs inside its own pickled
         # state, so refs there are not resolved for us) is the int8/fp8 batch the gate step calibrated
         # on: its digest keys the cached graph, and an actor that misses the cache builds the same one.
-        calibration, gate_images = (ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in (calibration, gate_images))
+        calibration, gate_images = (ray.get(x) if isinstance(x, ray.ObjectRef) else x
+                                    for x in (calibration, gate_images))
         built = build_engine(self.ckpt, backend or e.backend, e.precision, e.device, threads,
                              max_batch=e.batch_size, cache_uri=e.cache_uri, compile=e.compile,
                              calibration=calibration)
