@@ -64,7 +64,8 @@ def test_cuda_torch_compile_matches_eager(digits):
 
 def test_a_job_on_the_gpu_decodes_on_cpu_actors_and_matches_cpu_fp32(digits, tmp_path):
     """`vitpipe run` as a user runs it (a fresh local Ray that finds the GPU): one GPU actor,
-    decode actors on the CPUs, the gate on the GPU, and rows that agree with torch fp32 on CPU."""
+    decode actors on the CPUs, the gate inside the GPU actor (engine.gate.placement auto), and
+    rows that agree with torch fp32 on CPU."""
     ckpt, jpegs, images = digits
     write_shards(jpegs, str(tmp_path / "in"), n_shards=4)
     job = tmp_path / "job.yaml"
@@ -80,7 +81,8 @@ def test_a_job_on_the_gpu_decodes_on_cpu_actors_and_matches_cpu_fp32(digits, tmp
     report = manifest["report"]
     assert report["engine"] == "torch-cuda-fp16" and report["actors"] == 1 and report["decode_actors"] >= 1
     assert report["ok_rows"] == len(jpegs) and report["error_rows"] == 0
-    assert manifest["engine_check"]["gate"]["passed"]
+    check = manifest["engine_check"]
+    assert check["gate"]["passed"] and "cuda" in check["engine"]  # checked on the actor's GPU
     table = pq.read_table(sorted(str(p) for p in (tmp_path / "out").glob("part-*.parquet")),
                           columns=["key", "embedding", "topk_ids"])
     rows = {k: (e, t) for k, e, t in zip(table["key"].to_pylist(), table["embedding"].to_pylist(),
