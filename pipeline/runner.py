@@ -313,7 +313,7 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
     sink = ParquetSink(spec.output, run_id, schema, meta, model_id)
     work = sink.begin(shards)  # refuses a finished output in mode error; takes the lease
     try:
-        engine_check, plan, first_row_s = _process(spec, ckpt, work.todo, sink, t0)
+        engine_check, plan, first_row_s = _process(spec, ckpt, work.todo, sink, t0, shards)
         wall = time.time() - t0
         c = sink.counts
         device = "cuda" if plan and plan.gpus_per_actor else "cpu"
@@ -347,8 +347,13 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
 
 
 def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSink,
-             t0: float) -> tuple[dict, Plan | None, float | None]:
-    """Stream the shards to do through Ray into the sink; returns (engine check, plan, first-row time)."""
+             t0: float, listed: list[Shard]) -> tuple[dict, Plan | None, float | None]:
+    """Stream the shards to do through Ray into the sink; returns (engine check, plan, first-row time).
+
+    The gate's and the int8/fp8 calibration's images come from the first *listed* shards, not the
+    first shards to do: a nightly incremental run does only the new shards, and calibrating on them
+    changed the calibration batch, so the cached int8 graph (or TensorRT plan, minutes to build)
+    missed every night; `vitpipe compile` lists all shards too, so its build is the one runs find."""
     if not todo:
         return {"backend": spec.engine.backend, "reason": "no shard needed processing", "cache": "",
                 "gate": None}, None, None
@@ -363,7 +368,7 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=plan.buffer_mb(spec.resources.buffer_mb_per_actor) * 2**20)
     where, backend = gate_placement(spec, plan)
-    check, calibration, gate_images = start_engine_check(spec, ckpt, todo, plan, where,
+    check, calibration, gate_images = start_engine_check(spec, ckpt, listed, plan, where,
                                                          None if where == "first" else backend)
     # first: finished here, before the dataset starts; driver and actors: below, before the first row
     engine_check = finish_engine_check(check, calibration) if where == "first" or isinstance(check, dict) else None

@@ -220,6 +220,26 @@ def test_int8_is_calibrated_on_the_jobs_images_gated_and_labels_them(ray_cluster
     assert np.array_equal(actor.engine.run(x)[1], cached.engine.run(x)[1])
 
 
+def test_a_nightly_int8_run_finds_the_graph_calibrated_the_night_before(ray_cluster, tmp_path):
+    """Calibration and gate images come from the first listed shards, not the shards to do: an
+    incremental run that only does the new shard calibrates on the same images, so its cached
+    int8 graph (a TensorRT plan on a GPU: minutes to build) is found instead of built again."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_shards(digit_jpegs("test")[:64], str(src), n_shards=2)
+    engine = {"backend": "onnx", "precision": "int8", "cache_uri": str(tmp_path / "engines"),
+              "calibration_samples": 32, "gate": {"samples": 32, "min_cosine": 0.995, "min_top1": 0.9}}
+    first = run_job(_spec(str(src), str(out), engine=engine, output={"mode": "incremental"}))
+    check1 = json.loads((out / "_manifest.json").read_text())["engine_check"]
+    write_shards(digit_jpegs("test")[64:96], str(src), n_shards=1, prefix="later")  # tomorrow's new shard
+    second = run_job(_spec(str(src), str(out), engine=engine, output={"mode": "incremental"}))
+    check2 = json.loads((out / "_manifest.json").read_text())["engine_check"]
+    assert (first.shards_processed, second.shards_processed, second.shards_unchanged) == (2, 1, 2)
+    assert check1["cache"].endswith(": built") and check2["cache"].endswith(": hit"), (check1, check2)
+    assert check2["gate"] == check1["gate"]  # the same engine on the same images
+    keys = duckdb.sql(f"SELECT count(DISTINCT key), count(*) FROM '{out}/part-*.parquet'").fetchall()
+    assert keys == [(96, 96)]
+
+
 @pytest.mark.parametrize("placement", ["driver", "actors"])
 def test_gate_miss_stops_the_job_before_any_output(ray_cluster, tmp_path, placement):
     from pipeline.engines.gate import GateError
