@@ -27,6 +27,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -228,11 +229,8 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 def write_input(fs, jpegs: list[bytes], per_shard: int = 100) -> str:
     """Given images, as tar shards of per_shard; returns the prefix URI."""
-    prefix = f"{BUCKET}/input/n{len(jpegs)}"
-    if not _already_there(fs, prefix, len(jpegs), per_shard):
-        for s in range(0, len(jpegs), per_shard):
-            fs.pipe(f"{prefix}/shard-{s // per_shard:05d}.tar", shard_tar(jpegs[s : s + per_shard], first=s))
-    return f"s3://{prefix}/"
+    return _upload(fs, f"{BUCKET}/input/n{len(jpegs)}", len(jpegs), per_shard,
+                   lambda: (shard_tar(jpegs[s : s + per_shard], first=s) for s in range(0, len(jpegs), per_shard)))
 
 
 def generate_input(fs, n: int, per_shard: int = 100) -> str:
@@ -240,13 +238,21 @@ def generate_input(fs, n: int, per_shard: int = 100) -> str:
     benchmark process never holds them all (20,000 JPEGs are ~1.7 GB). Processes, not threads:
     with 16 threads the first GPU run took 92 s to make 20,000 images, most of it waiting on
     the GIL, and a GPU machine's time is the scarce part."""
-    prefix = f"{BUCKET}/input/gen{n}"
+    jobs = [(s, min(s + per_shard, n), s // per_shard) for s in range(0, n, per_shard)]
+
+    def tars() -> Iterator[bytes]:
+        with ProcessPoolExecutor(os.cpu_count() or 1) as makers:
+            yield from makers.map(_generated_shard, jobs)
+
+    return _upload(fs, f"{BUCKET}/input/gen{n}", n, per_shard, tars)
+
+
+def _upload(fs, prefix: str, n: int, per_shard: int, tars: Callable[[], Iterable[bytes]]) -> str:
+    """The shards tars() makes, uploaded as they come, unless an earlier run against the same
+    server left them all; returns the prefix URI."""
     if not _already_there(fs, prefix, n, per_shard):
-        starts = list(range(0, n, per_shard))
-        jobs = [(s, min(s + per_shard, n), s // per_shard) for s in starts]
-        with ProcessPoolExecutor(os.cpu_count() or 1) as makers, ThreadPoolExecutor(8) as puts:
-            done = [puts.submit(fs.pipe, f"{prefix}/shard-{s // per_shard:05d}.tar", tar)
-                    for s, tar in zip(starts, makers.map(_generated_shard, jobs), strict=True)]
+        with ThreadPoolExecutor(8) as puts:
+            done = [puts.submit(fs.pipe, f"{prefix}/shard-{i:05d}.tar", tar) for i, tar in enumerate(tars())]
             for f in done:
                 f.result()
     return f"s3://{prefix}/"

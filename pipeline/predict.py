@@ -210,10 +210,9 @@ class Predictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         check, self.check = self.check, None
         if check and check["gate"] and not check["gate"]["passed"]:
-            from pipeline.engines.gate import FIX, GateError, GateResult
+            from pipeline.engines.gate import GateResult
 
-            raise GateError(f"{GateResult(**check['gate']).describe()} (checked in a model actor); no row was "
-                            f"written. {FIX}")
+            raise GateResult(**check["gate"]).refusal("checked in a model actor, no row was written")
         out = predict_batch(batch, self.engine, self.ckpt.preprocess, self.ckpt.labels, self.outputs, self.pool,
                             self.schema)
         return out if check is None else pa.concat_tables([check_row(check, self.schema), out])

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.config import JobSpec
 from pipeline.decode import Decoder, Preprocess
 from pipeline.engines.base import resolve_backend
-from pipeline.engines.gate import FIX, GateError, GateResult
+from pipeline.engines.gate import GateError, GateResult
 from pipeline.engines.quantize import QUANTIZED
 from pipeline.model.checkpoints import Checkpoint
 from pipeline.predict import (
@@ -48,10 +48,10 @@ class Plan:
     threads: int
     read_cpus: float
     decoders: int = 0  # decode actors of 1 CPU; 0: decoding runs inside the model actors
-    readers: int = 0  # read actors; 0: two per model actor
+    readers: int = 1  # read actors (each reads one shard at a time)
 
     def read_actors(self, shards: int) -> int:
-        return min(self.readers or 2 * self.actors, shards)
+        return min(self.readers, shards)
 
     def buffer_mb(self, per_actor: int) -> int:
         """Object-store memory the run may hold in flight: per model actor and, where decode actors
@@ -99,7 +99,7 @@ def plan_resources(spec: JobSpec, nodes: list[dict]) -> Plan:
             raise RuntimeError(f"the cluster has too few CPUs ({sum(cpus)}) for a model actor and a read actor")
         per = min(usable)
         actors = r.actors or len(usable)
-    return Plan(actors, per, 0.0, max(1, math.ceil(per)), read, decoders, r.readers or 0)
+    return Plan(actors, per, 0.0, max(1, math.ceil(per)), read, decoders, r.readers or 2 * actors)
 
 
 @dataclass
@@ -243,7 +243,7 @@ def finish_engine_check(check: dict | ray.ObjectRef | Future, calibration: np.nd
         g = GateResult(**gate)
         print(g.describe(), file=sys.stderr)
         if not g.passed:
-            raise GateError(f"{g.describe()}; the job did not start. {FIX}")
+            raise g.refusal("the job did not start")
     return result
 
 
@@ -362,6 +362,9 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     ctx.enable_progress_bars = False  # one bar of our own, below
     ctx.print_on_execution_start = False
     ctx.execution_no_progress_timeout_s = spec.ray.stall_timeout_s  # bounded: a stuck stage fails the run
+    # a stage's own exception, not Ray Data's UserCodeException around it: a model actor's GateError
+    # then reaches this driver as one (below), with its figures
+    ctx.raise_original_map_exception = True
     plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]])
     # Without a cap, Ray Data lets reads run ahead into half the object store: at 20,000 images the
     # benchmark's peak memory was 45% above the 2,000-image run; with it, memory stays flat.
@@ -396,11 +399,9 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
             c = sink.counts
             bar.update(c.records + sum(c.skipped.values()) - bar.n)
             bar.set_postfix(ok=c.ok, errors=c.error_rows, shards=f"{len(sink.done)}/{len(todo)}", refresh=False)
-    except Exception as exc:
-        gate_miss = _gate_error(exc)
-        if gate_miss is None:
-            raise
-        raise gate_miss from None  # an actor's check failed: its message, not Ray's wrapping of it
+    except GateError as miss:  # an actor's check failed: its own message, without Ray's traceback and
+        # the retry advice Ray Data appends to the message on lines of its own
+        raise GateError(str(getattr(miss, "cause", miss)).split("\n", 1)[0]) from None
     finally:
         bar.close()
     if engine_check is None:
@@ -409,15 +410,3 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
             "gate": None}
     return engine_check, plan, first_row_s
 
-
-def _gate_error(exc: BaseException) -> GateError | None:
-    """The GateError a model actor raised, out of Ray's wrapping of it. Ray hands the driver a
-    RayTaskError whose text holds the actor's traceback; the GateError object itself does not
-    survive the trip, so its message line is taken from that text."""
-    marker = f"{GateError.__module__}.GateError: "
-    text = str(exc)
-    if isinstance(exc, GateError) and marker not in text:
-        return exc
-    if marker not in text:
-        return None
-    return GateError(text.split(marker, 1)[1].splitlines()[0].strip())

@@ -14,6 +14,12 @@ import numpy as np
 
 from pipeline.engines.base import Engine
 
+FIX = "Use a higher precision, another backend, or lower engine.gate thresholds if this is expected"
+
+
+class GateError(RuntimeError):
+    """The engine disagrees with torch fp32 beyond the job's thresholds."""
+
 
 @dataclass
 class GateResult:
@@ -36,12 +42,9 @@ class GateResult:
                 f"{self.cosine_mean:.5f} (min {self.cosine_min:.5f}, need >= {self.min_cosine}), top-1 agreement "
                 f"{top1} (need >= {self.min_top1})")
 
-
-FIX = "Use a higher precision, another backend, or lower engine.gate thresholds if this is expected"
-
-
-class GateError(RuntimeError):
-    """The engine disagrees with torch fp32 beyond the job's thresholds."""
+    def refusal(self, consequence: str) -> GateError:
+        """The error that stops a job on a miss: the figures, what happened, and the way out."""
+        return GateError(f"{self.describe()}; {consequence}. {FIX}")
 
 
 def compare(reference: Engine, candidate: Engine, images: np.ndarray, min_cosine: float = 0.999,
