@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="engines")
     args = p.parse_args(argv)
 
-    from pipeline.engines.base import build_engine
-    from pipeline.engines.gate import compare
+    from pipeline.engines.build import build_engine
     from pipeline.engines.torch_engine import TorchEngine
+    from pipeline.gate import compare
     from pipeline.model.checkpoints import random_checkpoint
 
     rows = []

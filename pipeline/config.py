@@ -35,6 +35,9 @@ class SourceSpec(Spec):
     label_column: str | None = Field(None, description="parquet: an optional integer ground-truth label column.")
     key_column: str | None = Field(None, description="parquet: the column with record keys (else file name + row number).")
     images_per_shard: int = Field(256, ge=1, description="images: how many files make one shard.")
+    records_per_part: int = Field(
+        1024, ge=1, description="A shard with more records is cut into parts of this many: a part is the unit "
+                                "of work (read, decoded, run and written by one actor) and one Parquet file.")
     only_keys: str | None = Field(None, description="A file (URI) of record keys, one per line: read only those "
                                                     "(what `vitpipe errors --retry-spec` writes).")
 
@@ -93,13 +96,15 @@ class EngineSpec(Spec):
                             "(tensorrt, compute capability >= 8.9) are calibrated on the job's own images first, "
                             "then gated like the others.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor has a GPU, else cpu.")
-    batch_size: int = Field(
-        64, ge=1, le=4096, description="Images per batch an actor receives (and TensorRT's max batch); "
-                                       "the engine runs them in sub-batches, see tune_batch.")
-    tune_batch: bool = Field(
-        True, description="Time engine calls of 1/4, 1/2 and all of batch_size on the job's first batches "
-                          "and keep the fastest (CPU caches and GPUs favour different sizes); false: "
-                          "always batch_size.")
+    batch_size: int | None = Field(
+        None, ge=1, le=4096, description="Images per engine call (and TensorRT's max batch); default 32 on a CPU, "
+                                         "256 on a GPU. Fixed for the run: nothing is tuned on the job's first "
+                                         "images, so they are as fast as the rest.")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where JPEGs are decoded when the model runs on a GPU. gpu: batched nvJPEG in the "
+                            "model actor (needs torchvision on the GPU nodes), other formats and what nvJPEG "
+                            "refuses fall back to the CPU record by record; cpu: decode actors on the CPUs. "
+                            "auto: gpu where the model actors have a GPU, else cpu (inside the model actor).")
     compile: bool = Field(False, description="torch backend: torch.compile the model.")
     calibration_samples: int = Field(
         128, ge=1, description="int8: images from the job's first shards that set the activation ranges "

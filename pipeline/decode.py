@@ -141,17 +141,18 @@ def is_image_name(name: str) -> bool:
 STATUS_COLUMNS = ("status", "error_stage", "error_type", "error_message")
 
 
-def decode_records(batch: pa.Table, pre: Preprocess, pool: Executor | None = None) -> tuple[np.ndarray, dict[str, list]]:
-    """Decode every record of status "record"; failures turn into error columns, never raise.
+def decode_records(records: pa.Table, pre: Preprocess, pool: Executor | None = None) -> tuple[np.ndarray, dict[str, list]]:
+    """Decode every record of status "record" -> (pixels (N, S, S, 3), the status columns with
+    each record's outcome: "ok" or a decode error). Failures never raise.
 
     With a pool, records decode in parallel (Pillow releases the GIL while decoding and
-    resampling), so the model does not wait on a single decoding core between batches."""
-    cols = {c: batch.column(c).to_pylist() for c in STATUS_COLUMNS}
+    resampling), so the model does not wait on a single decoding core."""
+    cols = {c: records.column(c).to_pylist() for c in STATUS_COLUMNS}
     S = pre.image_size
-    if "pixels" in batch.column_names:  # decoded upstream by a Decoder: nothing left to do
-        return pixels_of(batch, S), cols
-    pixels = np.zeros((batch.num_rows, S, S, 3), dtype=np.uint8)  # (B, S, S, 3)
-    images = batch.column("image")
+    if "pixels" in records.column_names:  # decoded upstream by a Decoder: nothing left to do
+        return pixels_of(records, S), cols
+    pixels = np.zeros((records.num_rows, S, S, 3), dtype=np.uint8)  # (N, S, S, 3)
+    images = records.column("image")
     todo = [i for i, status in enumerate(cols["status"]) if status == "record"]
 
     def one(i: int) -> None:
@@ -159,40 +160,56 @@ def decode_records(batch: pa.Table, pre: Preprocess, pool: Executor | None = Non
             pixels[i] = decode_image(images[i].as_py(), pre)
             cols["status"][i] = "ok"
         except DecodeError as e:
-            cols["status"][i], cols["error_stage"][i] = "error", "decode"
-            cols["error_type"][i], cols["error_message"][i] = e.kind, str(e)
+            fail(cols, i, e)
 
     list(pool.map(one, todo) if pool else map(one, todo))
     return pixels, cols
 
 
-def pixels_of(batch: pa.Table, size: int) -> np.ndarray:
-    """The `pixels` column (fixed-size binary, S*S*3 bytes a row) as (B, S, S, 3) uint8, no copy
-    when the column is one chunk (the common case: Ray Data hands over whole blocks)."""
-    col = batch.column("pixels").combine_chunks()  # FixedSizeBinaryArray
+def fail(cols: dict[str, list], i: int, e: DecodeError) -> None:
+    """Record i failed to decode: its status columns say how."""
+    cols["status"][i], cols["error_stage"][i] = "error", "decode"
+    cols["error_type"][i], cols["error_message"][i] = e.kind, str(e)
+
+
+def pixels_of(records: pa.Table, size: int) -> np.ndarray:
+    """The `pixels` column (fixed-size binary, S*S*3 bytes a row) as (N, S, S, 3) uint8, no copy
+    when the column is one chunk (the common case: a part unpacked from its cell)."""
+    col = records.column("pixels").combine_chunks()  # FixedSizeBinaryArray
     row = size * size * 3
     data = np.frombuffer(col.buffers()[1], dtype=np.uint8)
     return data[col.offset * row:(col.offset + len(col)) * row].reshape(len(col), size, size, 3)
 
 
-class Decoder:
-    """The decode stage, as its own CPU actors: used where the model runs on a GPU.
+def with_pixels(records: pa.Table, pixels: np.ndarray, cols: dict[str, list]) -> pa.Table:
+    """The records with `image` replaced by `pixels` (S*S*3 bytes each) and their decode outcome."""
+    row = pixels.shape[1] * pixels.shape[2] * 3  # bytes per image
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row), len(pixels), [None, pa.py_buffer(pixels)])
+    out = records.drop_columns(["image", *STATUS_COLUMNS])
+    for name in STATUS_COLUMNS:
+        out = out.append_column(name, pa.array(cols[name], pa.string()))
+    return out.append_column("pixels", column)
 
-    On a GPU node the engine needs a few milliseconds per batch and decoding is the work: it
-    runs here, one process per CPU (no GIL shared with the model actor), while the GPU actor
-    only moves pixels to the device and back. Record blocks go in; the same rows come out with
-    `image` replaced by `pixels` (S*S*3 bytes each, 1 byte per value as everywhere) and their
-    status set to "ok" or a decode error. On CPU-only nodes decoding stays fused in the model
-    actor instead (predict.py), where a separate process would compete with torch for cores."""
+
+class Decoder:
+    """The decode stage, as its own CPU actors: used where the model runs on a GPU and decodes
+    on the CPU (engine.decode: cpu, or a GPU node without nvJPEG).
+
+    There, decoding is the work: it runs here, one process per CPU (no GIL shared with the
+    model actor), while the GPU actor only moves pixels. Parts go in; the same parts come out
+    with their records' `image` replaced by `pixels` (1 byte per value, as everywhere). On
+    CPU-only nodes decoding stays fused in the model actor instead (predict.py), where a
+    separate process would compete with torch for cores; with GPU decoding it happens on the
+    model's GPU and this stage does not exist."""
 
     def __init__(self, preprocess: dict):
         self.pre = Preprocess.from_dict(preprocess)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        pixels, cols = decode_records(batch, self.pre)  # (B, S, S, 3)
-        row = self.pre.image_size ** 2 * 3  # bytes per image
-        column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row), len(pixels), [None, pa.py_buffer(pixels)])
-        out = batch.drop_columns(["image", *STATUS_COLUMNS])
-        for name in STATUS_COLUMNS:
-            out = out.append_column(name, pa.array(cols[name], pa.string()))
-        return out.append_column("pixels", column)
+        from pipeline.sources import part_row, parts_of
+
+        rows = []
+        for part in parts_of(batch):
+            pixels, cols = decode_records(part.records, self.pre)  # (N, S, S, 3)
+            rows.append(part_row(part, with_pixels(part.records, pixels, cols)))
+        return pa.concat_tables(rows)

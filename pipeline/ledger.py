@@ -5,7 +5,7 @@ One small JSON object per shard under OUT/_ledger/ (no read-modify-write of a sh
 file, so concurrent writes of different shards never clash):
 
     {"uri", "etag", "size", "model_id", "records", "ok", "errors", "skipped",
-     "files": [...], "run_id", "state": "pending" | "committed"}
+     "files": [...], "run_id", "state": "pending" | "committed", "fault": null | "TruncatedShard" | ...}
 
 "pending": the shard's rows are complete in files under OUT/_pending/RUN/, written by
 a run that has not committed yet (or died). A later run adopts them instead of redoing
@@ -47,6 +47,14 @@ class ShardEntry:
     skipped: int = 0
     files: list[dict] = field(default_factory=list)  # {"path", "kind", "rows", "bytes", "sha256"}
     finished_at: float = 0.0
+    fault: str | None = None  # the shard was cut short (sources.py): its rows up to the fault are here
+
+    @property
+    def retry_anyway(self) -> bool:
+        """A fault that was not in the shard's bytes (gone, access denied, the store failing) is
+        retried by the next incremental run even with the same ETag; a truncated or unreadable
+        shard is read again once its ETag changes (rewritten)."""
+        return self.fault in ("ShardGone", "ShardAccessDenied", "ShardReadError")
 
     @property
     def key(self) -> str:

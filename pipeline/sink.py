@@ -1,10 +1,13 @@
-"""Parquet out, with the output contract of DESIGN.md: parts, errors, ledger, manifest, _SUCCESS last.
+"""The driver's side of the output contract (DESIGN.md): which shards to do, the ledger, the
+lease, and the commit: manifest, _SUCCESS last. No row comes here.
 
-Rows are grouped per shard. A shard is finished when all the rows its read task
-announced (a "shard_end" marker carries the count) have arrived; its files are
-then uploaded under OUT/_pending/RUN/ and recorded in the ledger (ledger.py). So a
-run that dies keeps every finished shard, and the next run redoes at most the
-shards that were in flight.
+The model actors write each part's rows as Parquet files under OUT/_pending/RUN/
+(write.py) and send one small record per part (predict.RESULT_SCHEMA). A shard is
+finished when all its parts have reported (the last one says how many there are);
+it is then recorded in the ledger (ledger.py) as pending. So a run that dies keeps
+every finished shard, and the next run redoes at most the shards that were in flight.
+A part reported twice (Ray retried it) is kept once: the first record wins, and the
+other attempt's files are swept at commit.
 
 Commit, at the end of a run: remove _SUCCESS, move pending files into OUT/, drop
 the files they replace (and, in mode full, shards no longer listed), sweep files
@@ -14,18 +17,15 @@ half-written run; OUT/*.parquet globs never see pending files, a level down.
 
 Modes (output.mode): error refuses an output that holds a finished run; full
 reprocesses every shard and replaces the output; incremental processes shards that
-are new, changed (ETag) or were done with another model, and keeps the rest.
+are new, changed (ETag), done with another model, or cut short by a fault that was
+not in their bytes (gone, access denied), and keeps the rest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 import posixpath
-import shutil
-import tempfile
 import time
 import traceback
 from collections import Counter
@@ -33,16 +33,12 @@ from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.config import OutputSpec
 from pipeline.ledger import Lease, Ledger, ShardEntry, shard_key
 from pipeline.sources import Shard
 from pipeline.storage import remove_tree
-
-INTERNAL = ("status", "error_stage", "error_type", "error_message", "shard", "ordinal")
-ERROR_COLUMNS = ("key", "source_uri", "source_etag", "member", "label", "error_stage", "error_type", "error_message")
+from pipeline.write import pending_dir
 
 
 class OutputExistsError(RuntimeError):
@@ -56,7 +52,11 @@ class Counts:
     skipped: Counter = field(default_factory=Counter)
     labeled: int = 0
     correct: int = 0
-    duplicates_dropped: int = 0
+    duplicates_dropped: int = 0  # rows of parts reported twice (retried work), kept once
+    decoded_gpu: int = 0
+    fallback_cpu: int = 0
+    bad_shards: Counter = field(default_factory=Counter)  # shards cut short, by fault type
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (when, records so far), per part
 
     @property
     def error_rows(self) -> int:
@@ -66,6 +66,17 @@ class Counts:
     def records(self) -> int:
         return self.ok + self.error_rows
 
+    def add(self, c: dict) -> None:
+        """One part's counts (predict.part_counts)."""
+        self.ok += c["ok"]
+        self.errors.update(c["errors"])
+        self.skipped.update(c["skipped"])
+        self.labeled += c["labeled"]
+        self.correct += c["correct"]
+        self.decoded_gpu += c.get("decoded_gpu", 0)
+        self.fallback_cpu += c.get("fallback_cpu", 0)
+        self.timeline.append((time.time(), self.records))
+
 
 @dataclass
 class ShardPlan:
@@ -74,68 +85,33 @@ class ShardPlan:
     kept: list[ShardEntry]  # committed earlier, unchanged (incremental)
 
 
-class ShardBuffer:
-    """One in-flight shard: rows stream into local Parquet files until the shard is complete."""
+@dataclass
+class ShardParts:
+    """The parts of one in-flight shard that have reported so far."""
 
-    def __init__(self, key: str, tmpdir: str, ok_schema: pa.Schema, err_schema: pa.Schema, row_group: int):
-        self.key, self.row_group = key, row_group
-        self.expected: int | None = None
-        self.seen: set[int] = set()
-        self.rows = 0
-        self.parts = {"ok": (ok_schema, os.path.join(tmpdir, f"{key}-ok.parquet")),
-                      "errors": (err_schema, os.path.join(tmpdir, f"{key}-errors.parquet"))}
-        self.pending: dict[str, list[pa.Table]] = {"ok": [], "errors": []}
-        self.writers: dict[str, pq.ParquetWriter] = {}
-        self.written: dict[str, int] = {"ok": 0, "errors": 0}
+    results: dict[int, dict] = field(default_factory=dict)
+    total: int | None = None  # known once the last part has reported
+    nodes: set[str] = field(default_factory=set)
 
     @property
     def complete(self) -> bool:
-        return self.expected is not None and self.rows >= self.expected
-
-    def add(self, kind: str, table: pa.Table) -> None:
-        if table.num_rows:
-            self.pending[kind].append(table)
-            if sum(t.num_rows for t in self.pending[kind]) >= self.row_group:
-                self._flush(kind)
-
-    def _flush(self, kind: str) -> None:
-        if not self.pending[kind]:
-            return
-        schema, path = self.parts[kind]
-        table = pa.concat_tables(self.pending[kind])
-        if kind not in self.writers:
-            self.writers[kind] = pq.ParquetWriter(path, schema, compression="zstd")
-        self.writers[kind].write_table(table, row_group_size=max(table.num_rows, 1))
-        self.written[kind] += table.num_rows
-        self.pending[kind] = []
-
-    def close(self) -> dict[str, tuple[str, int]]:
-        """Finish the local files; {kind: (local path, rows)} for the kinds that have rows."""
-        out = {}
-        for kind in ("ok", "errors"):
-            self._flush(kind)
-            if kind in self.writers:
-                self.writers[kind].close()
-                out[kind] = (self.parts[kind][1], self.written[kind])
-        return out
+        return self.total is not None and len(self.results) == self.total
 
 
 class ParquetSink:
-    def __init__(self, out: OutputSpec, run_id: str, schema: pa.Schema, metadata: dict[str, str], model_id: str):
+    def __init__(self, out: OutputSpec, run_id: str, model_id: str):
         self.out, self.run_id, self.model_id = out, run_id, model_id
         self.fs, root = fsspec.core.url_to_fs(out.uri)
         self.root = root.rstrip("/")
-        self.pending_dir = f"{self.root}/_pending/{run_id}"
-        meta = {f"vitpipe.{k}": v for k, v in metadata.items()}
-        self.ok_schema = pa.schema([f for f in schema if f.name not in INTERNAL]).with_metadata(meta)
-        self.err_schema = pa.schema([schema.field(c) for c in ERROR_COLUMNS]).with_metadata(meta)
+        self.pending_dir = pending_dir(self.root, run_id)
         self.ledger = Ledger(self.fs, self.root)
         self.lease = Lease(self.fs, self.root, run_id, out.lease_ttl_s)
         self.counts = Counts()
         self.shards: dict[str, Shard] = {}
-        self.buffers: dict[str, ShardBuffer] = {}
+        self.inflight: dict[str, ShardParts] = {}
         self.done: list[ShardEntry] = []
-        self._tmp = tempfile.mkdtemp(prefix="vitpipe-sink-")
+        self.finished: set[str] = set()
+        self.nodes: Counter = Counter()  # parts written per node
 
     # --- before any work ---------------------------------------------------------------------
 
@@ -162,7 +138,7 @@ class ParquetSink:
         todo, adopted, kept = [], [], []
         for key, s in self.shards.items():
             e = entries.get(key)
-            if e and e.matches(s.etag, self.model_id):
+            if e and e.matches(s.etag, self.model_id) and not e.retry_anyway:
                 if e.state == "pending" and self._files_exist(e, listing):
                     adopted.append(e)
                     continue
@@ -173,87 +149,50 @@ class ParquetSink:
         self.adopted, self.kept = adopted, kept
         return ShardPlan(todo, adopted, kept)
 
-    # --- while rows arrive -------------------------------------------------------------------
+    # --- while parts report ---------------------------------------------------------------------
 
-    def write(self, table: pa.Table) -> None:
-        status = table.column("status")
-        marker = pc.equal(status, "shard_end")
-        for row in table.filter(marker).select(["shard", "label"]).to_pylist():
-            self._buffer(row["shard"]).expected = row["label"]
-        rows = table.filter(pc.invert(marker))
-        for shard_uri in pc.unique(rows.column("shard")).to_pylist():
-            part = rows.filter(pc.equal(rows.column("shard"), shard_uri))
-            part = self._drop_duplicates(self._buffer(shard_uri), part)
-            self._count(part)
-            buf = self._buffer(shard_uri)
-            buf.rows += part.num_rows
-            st = part.column("status")
-            buf.add("ok", part.filter(pc.equal(st, "ok")).select(self.ok_schema.names))
-            buf.add("errors", part.filter(pc.equal(st, "error")).select(list(ERROR_COLUMNS)))
-        for key in [k for k, b in self.buffers.items() if b.complete]:
+    def add(self, result: dict) -> None:
+        """One part's record (predict.RESULT_SCHEMA, as a dict): count it; finish its shard if complete."""
+        key = shard_key(result["shard"])
+        counts = json.loads(result["counts"])
+        if key in self.finished or result["part"] in self.inflight.get(key, ShardParts()).results:
+            self.counts.duplicates_dropped += counts["records"]  # Ray retried it; the first record won
+            return
+        parts = self.inflight.setdefault(key, ShardParts())
+        result = result | {"files": json.loads(result["files"]), "counts": counts}
+        parts.results[result["part"]] = result
+        parts.nodes.add(result["node"])
+        self.nodes[result["node"]] += 1
+        if result["last"]:
+            parts.total = result["part"] + 1
+        if result["fault"]:
+            self.counts.bad_shards[result["fault"]] += 1
+        self.counts.add(counts)
+        if parts.complete:
             self._finish_shard(key)
 
-    def _buffer(self, shard_uri: str) -> ShardBuffer:
-        key = shard_key(shard_uri)
-        if key not in self.buffers:
-            self.buffers[key] = ShardBuffer(key, self._tmp, self.ok_schema, self.err_schema, self.out.row_group_rows)
-        return self.buffers[key]
-
-    def _drop_duplicates(self, buf: ShardBuffer, part: pa.Table) -> pa.Table:
-        """A row delivered twice (a retried task) is kept once: its identity is its ordinal in the shard."""
-        ids = part.column("ordinal").to_pylist()
-        keep = []
-        for i, rid in enumerate(ids):
-            if rid in buf.seen:
-                self.counts.duplicates_dropped += 1
-            else:
-                buf.seen.add(rid)
-                keep.append(i)
-        return part if len(keep) == part.num_rows else part.take(keep)
-
     def _finish_shard(self, key: str) -> None:
-        buf = self.buffers.pop(key)
+        parts = self.inflight.pop(key)
+        self.finished.add(key)
         shard = self.shards[key]
-        files = []
-        for kind, (local, rows) in buf.close().items():
-            rel = f"part-{key}-{self.run_id.rsplit('-', 1)[-1]}.parquet"
-            rel = rel if kind == "ok" else f"errors/{rel}"
-            dest = f"{self.pending_dir}/{rel}"
-            self.fs.makedirs(posixpath.dirname(dest), exist_ok=True)
-            self.fs.put_file(local, dest)
-            files.append({"path": rel, "kind": kind, "rows": rows, "bytes": os.path.getsize(local),
-                          "sha256": _sha256(local)})
-            os.remove(local)
-        ok = next((f["rows"] for f in files if f["kind"] == "ok"), 0)
-        err = next((f["rows"] for f in files if f["kind"] == "errors"), 0)
+        results = [parts.results[i] for i in range(parts.total)]
+        files = [f for r in results for f in r["files"]]
+        ok = sum(r["counts"]["ok"] for r in results)
+        records = sum(r["counts"]["records"] for r in results)
+        skipped = sum(sum(r["counts"]["skipped"].values()) for r in results)
+        fault = next((r["fault"] for r in results if r["fault"]), None)
         entry = ShardEntry(shard.uri, shard.etag, shard.size, self.model_id, self.run_id, "pending",
-                           records=ok + err, ok=ok, errors=err, skipped=buf.rows - ok - err, files=files,
-                           finished_at=time.time())
+                           records=records, ok=ok, errors=records - ok, skipped=skipped, files=files,
+                           finished_at=time.time(), fault=fault)
         self.ledger.put(entry)  # the shard's commit point within the run
         self.done.append(entry)
-
-    def _count(self, table: pa.Table) -> None:
-        c = self.counts
-        for s, t in zip(table.column("status").to_pylist(), table.column("error_type").to_pylist(), strict=True):
-            if s == "ok":
-                c.ok += 1
-            elif s == "error":
-                c.errors[t] += 1
-            else:
-                c.skipped[t] += 1
-        if "topk_ids" in table.column_names:
-            ok = table.filter(pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("label"))))
-            if ok.num_rows:
-                top1 = pc.list_element(ok.column("topk_ids"), 0).cast(pa.int64())
-                c.labeled += ok.num_rows
-                c.correct += pc.sum(pc.equal(top1, ok.column("label"))).as_py() or 0
 
     # --- the end --------------------------------------------------------------------------------
 
     def commit(self, manifest: dict) -> dict:
         """Swap this run's shards in, sweep what they replace, write the manifest, _SUCCESS last."""
-        if self.buffers:
-            raise RuntimeError(f"{len(self.buffers)} shard(s) never completed (rows missing); not committing. "
+        if self.inflight:
+            raise RuntimeError(f"{len(self.inflight)} shard(s) never completed (parts missing); not committing. "
                                "The finished shards are kept for the next run")
         if self.finished_run_exists():
             self.fs.rm_file(f"{self.root}/_SUCCESS")  # readers stop trusting the old state first
@@ -292,8 +231,11 @@ class ParquetSink:
         return manifest
 
     def abort(self, error: BaseException) -> None:
-        """Keep finished shards (pending, for the next run), record the failure, release the lease."""
+        """Keep finished shards (pending, for the next run), drop the files of unfinished ones (or of
+        every part, when the gate refused the engine before any shard finished), record the
+        failure, release the lease."""
         try:
+            self._drop_unrecorded()
             self._write_json(f"_runs/{self.run_id}.json", {"run_id": self.run_id, "status": "failed",
                                                            "error": f"{type(error).__name__}: {error}",
                                                            "where": traceback.format_exception(error)[-3:],
@@ -303,8 +245,20 @@ class ParquetSink:
             self.close()
 
     def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
         self.lease.release()
+
+    def _drop_unrecorded(self) -> None:
+        """This run's staged files that no ledger entry names: parts of shards that did not finish.
+        (A later run's commit would sweep them too; a failed run should not leave them lying.)"""
+        keep = {f"{self.pending_dir}/{f['path']}" for e in self.done for f in e.files}
+        self.fs.invalidate_cache()
+        try:
+            staged = self.fs.find(self.pending_dir)
+        except FileNotFoundError:
+            return
+        for path in staged:
+            if path.endswith(".parquet") and path not in keep:
+                self.fs.rm_file(path)
 
     def _sweep(self, keep: set[str]) -> None:
         """Delete part files no ledger entry names (a dead run's leftovers), and all pending dirs."""
@@ -340,14 +294,6 @@ class ParquetSink:
             return json.loads(self.fs.cat_file(f"{self.root}/{name}") or b"{}")
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def versions() -> dict[str, str]:

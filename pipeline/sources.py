@@ -1,15 +1,23 @@
-"""List the shards behind a URI and read them into records, with provenance.
+"""List the shards behind a URI and read them into parts of records, with provenance.
 
-A shard is the unit of work and of bookkeeping: one .tar (WebDataset), one
-.parquet file, or a group of image files. Listing happens once on the driver;
-reading happens in Ray tasks, streaming, one chunk of records at a time.
+A shard is the unit of bookkeeping: one .tar (WebDataset), one .parquet file, or a
+group of image files. Listing happens once on the driver. Reading happens on a few
+long-lived read actors, which cut each shard into *parts* of at most
+`source.records_per_part` records. A part is the unit of work from here on: one
+row of the Ray dataset, decoded and run through the model as a whole and written as
+one Parquet file by the actor that made its rows (predict.py, write.py). So no stage
+ever splits a shard's rows between actors, and the driver only counts parts.
 
-Every record is a dict with the columns in RECORD_COLUMNS. `status` is "record"
-(decode it), "error" (already failed here, e.g. an unsafe tar member) or
-"skipped" (not an image and not part of one; counted, never written as a row).
-After a shard's last record comes one "shard_end" marker whose `label` is the
-number of rows the shard produced: the sink knows a shard is complete when it has
-seen that many (sink.py).
+A part's records are an Arrow table (RECORD_SCHEMA) carried in one binary cell as an
+Arrow IPC stream (`pack`/`unpack`: one copy, no per-record Python objects). `status`
+is "record" (decode it), "error" (failed here: an unsafe tar member, a shard cut
+short) or "skipped" (not an image and not part of one; counted, never a row).
+
+A fault in the shard itself (a tar cut in the middle of a member, bytes that are no
+tar at all, a file deleted or unreadable) ends the shard, not the job: the records
+read before it stay, and one error record names the shard, where it broke and the
+fix; the part that carries it is marked `fault` so the ledger keeps the shard as
+incomplete (sink.py).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import posixpath
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import fsspec
 import pyarrow as pa
@@ -30,13 +39,13 @@ from pipeline.config import SourceSpec
 from pipeline.decode import is_image_name
 
 RECORD_SCHEMA = pa.schema([
-    ("key", pa.string()), ("image", pa.binary()), ("source_uri", pa.string()), ("source_etag", pa.string()),
+    ("key", pa.string()), ("image", pa.large_binary()), ("source_uri", pa.string()), ("source_etag", pa.string()),
     ("member", pa.string()), ("label", pa.int64()), ("status", pa.string()), ("error_stage", pa.string()),
-    ("error_type", pa.string()), ("error_message", pa.string()), ("shard", pa.string()),
-    ("ordinal", pa.int64()),
+    ("error_type", pa.string()), ("error_message", pa.string()),
 ])
-RECORD_COLUMNS = tuple(RECORD_SCHEMA.names)
-CHUNK = 64  # records per block yielded by a read actor
+# One row per part: what every stage between the readers and the writers passes on.
+PART_SCHEMA = pa.schema([("shard", pa.string()), ("etag", pa.string()), ("part", pa.int32()),
+                         ("last", pa.bool_()), ("fault", pa.string()), ("records", pa.large_binary())])
 _EXTENSIONS = {"webdataset": (".tar",), "parquet": (".parquet",)}
 
 
@@ -59,7 +68,17 @@ def list_shards(source: SourceSpec) -> list[Shard]:
     """All shards behind source.uri (one URI or a list), sorted, with an ETag (or size+mtime) for each."""
     uris = source.uri if isinstance(source.uri, list) else [source.uri]
     shards = {s.uri: s for uri in uris for s in _list_one(source, uri)}
-    return [shards[u] for u in sorted(shards)]
+    listed = [shards[u] for u in sorted(shards)]
+    if source.format == "parquet":  # a column named wrong is the job's mistake: say so before any work
+        missing = _missing_columns(listed[0].uri, source)
+        if missing:
+            raise SourceError(missing)
+    if source.only_keys:
+        try:
+            _key_set(source.only_keys)
+        except OSError as e:
+            raise SourceError(f"source.only_keys {source.only_keys!r}: cannot read it: {e}") from None
+    return listed
 
 
 def _list_one(source: SourceSpec, uri: str) -> list[Shard]:
@@ -105,34 +124,162 @@ def _group_images(fs, files: list[tuple[str, dict]], per_shard: int) -> list[Sha
     return shards
 
 
-def read_shard(shard: Shard, source: SourceSpec, chunk: int = CHUNK) -> Iterator[list[dict]]:
-    """Stream one shard as chunks of record dicts (never the whole shard in memory)."""
+# --- records and parts ------------------------------------------------------------------------------
+
+class Record(NamedTuple):
+    """One record as a format reader yields it (a tuple: no dict per record on the read path)."""
+
+    key: str
+    member: str
+    image: bytes | None = None
+    label: int | None = None
+    status: str = "record"
+    error_type: str | None = None
+    message: str | None = None
+    source_uri: str | None = None  # default: the shard's
+
+
+class Part(NamedTuple):
+    """A part of a shard as the read stage hands it on: its records, and whether it is the last."""
+
+    shard: Shard
+    index: int
+    last: bool
+    records: pa.Table  # RECORD_SCHEMA
+    fault: str | None = None  # the error type of a fault that ended the shard early
+
+
+class Columns:
+    """Records appended column by column, then turned into one Arrow table per part."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+        self.cols: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
+
+    def __len__(self) -> int:
+        return len(self.cols["key"])
+
+    def add(self, r: Record) -> None:
+        c = self.cols
+        c["key"].append(r.key)
+        c["image"].append(r.image or b"")
+        c["source_uri"].append(r.source_uri or self.shard.uri)
+        c["member"].append(r.member)
+        c["label"].append(r.label)
+        c["status"].append(r.status)
+        c["error_stage"].append("read" if r.status != "record" else None)
+        c["error_type"].append(r.error_type)
+        c["error_message"].append(r.message)
+
+    def table(self) -> pa.Table:
+        n = len(self)
+        self.cols["source_etag"] = [self.shard.etag] * n
+        table = pa.table({name: pa.array(self.cols[name], f.type) for name, f in zip(RECORD_SCHEMA.names, RECORD_SCHEMA,
+                                                                                      strict=True)}, schema=RECORD_SCHEMA)
+        self.cols = {name: [] for name in RECORD_SCHEMA.names}
+        return table
+
+
+def read_parts(shard: Shard, source: SourceSpec) -> Iterator[Part]:
+    """Stream one shard as parts of at most source.records_per_part records (never the whole
+    shard in memory); the last part says so. A shard-level fault ends the shard with an error record."""
     reader = {"webdataset": _read_tar, "parquet": _read_parquet, "images": _read_images}[source.format]
     only = _key_set(source.only_keys) if source.only_keys else None
-    buf: list[dict] = []
-    n = 0
-    for rec in reader(shard, source):
-        if only is not None and rec["key"] not in only:
-            continue
-        rec["ordinal"] = n  # the row's identity within its shard (deduplication of retried work)
-        buf.append(rec)
-        n += 1
-        if len(buf) >= chunk:
-            yield buf
-            buf = []
-    buf.append(record(shard, shard.uri, "", None, label=n, status="shard_end"))
-    yield buf
+    cols, index, fault = Columns(shard), 0, None
+    try:
+        for rec in reader(shard, source):
+            if only is not None and rec.key not in only:
+                continue
+            if len(cols) >= source.records_per_part:  # a full part, and more to come: hand it on
+                yield Part(shard, index, False, cols.table())
+                index += 1
+            cols.add(rec)
+    except Exception as e:  # noqa: BLE001 -- any fault of the shard's bytes or store becomes its error record
+        fault = shard_fault(shard, e)
+        cols.add(fault)
+    yield Part(shard, index, True, cols.table(), fault.error_type if fault else None)
+
+
+class ShardFault(Exception):
+    """Raised by a format reader that knows where in the shard it broke (member, offset)."""
+
+    def __init__(self, kind: str, where: str, cause: BaseException):
+        super().__init__(f"{where}: {type(cause).__name__}: {cause}")
+        self.kind, self.where, self.cause = kind, where, cause
+
+
+_FIXES = {
+    "TruncatedShard": "the file ends in the middle of a member (an upload still in progress, or cut short); "
+                      "rewrite the shard: the next incremental run reads it again once its ETag changes",
+    "UnreadableShard": "the bytes are not a readable shard of this format; rewrite or remove it (the next "
+                       "incremental run reads it again once its ETag changes)",
+    "ShardGone": "it was deleted (or moved) after listing; nothing to do if that was intended, else restore "
+                 "it and run again",
+    "ShardAccessDenied": "the credentials may not read it; grant read access (s3:GetObject) and run again "
+                         "(incremental runs retry it)",
+    "ShardReadError": "reading failed after retries; check the store and run again (incremental runs retry it)",
+}
+
+
+def shard_fault(shard: Shard, e: BaseException) -> Record:
+    """The error record of a shard that could not be read to its end."""
+    kind, where, cause = (e.kind, e.where, e.cause) if isinstance(e, ShardFault) else (_fault_kind(e), "", e)
+    at = f" at {where}" if where else ""
+    message = f"shard {shard.uri}{at}: {type(cause).__name__}: {cause}; {_FIXES[kind]}"
+    return Record(f"{shard.uri}#shard", where or "(shard)", status="error", error_type=kind, message=message)
+
+
+def _fault_kind(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "ShardGone"
+    if isinstance(e, PermissionError):
+        return "ShardAccessDenied"
+    if isinstance(e, tarfile.ReadError | EOFError) and "unexpected end" in str(e).lower():
+        return "TruncatedShard"
+    if isinstance(e, tarfile.TarError | EOFError | ValueError | pa.ArrowException):
+        return "UnreadableShard"
+    return "ShardReadError"
+
+
+def pack(table: pa.Table) -> pa.Buffer:
+    """A table as one Arrow IPC stream buffer: how a part's records ride in one cell."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def unpack(cell: pa.Scalar) -> pa.Table:
+    """The records of one part (zero-copy from the cell's buffer)."""
+    return pa.ipc.open_stream(cell.as_buffer()).read_all()
+
+
+def part_row(part: Part, records: pa.Table | None = None) -> pa.Table:
+    """One PART_SCHEMA row for a part (records: a decoded version of its records, if given)."""
+    buf = pack(part.records if records is None else records)
+    cell = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, pa.py_buffer(
+        pa.array([0, buf.size], pa.int64()).buffers()[1]), buf])
+    return pa.table([pa.array([part.shard.uri]), pa.array([part.shard.etag]), pa.array([part.index], pa.int32()),
+                     pa.array([part.last]), pa.array([part.fault], pa.string()), cell], schema=PART_SCHEMA)
+
+
+def parts_of(table: pa.Table) -> Iterator[Part]:
+    """The parts in a batch of PART_SCHEMA rows (usually one)."""
+    for i in range(table.num_rows):
+        row = table.slice(i, 1)
+        shard = Shard(row["shard"][0].as_py(), row["etag"][0].as_py(), 0)
+        yield Part(shard, row["part"][0].as_py(), row["last"][0].as_py(), unpack(row["records"][0]),
+                   row["fault"][0].as_py())
 
 
 class ShardReader:
-    """The Ray read stage: one shard in, a stream of record blocks out.
+    """The Ray read stage: one shard in, its parts out (one PART_SCHEMA row each).
 
     A class, so that Ray Data runs it on a few long-lived actors rather than as tasks: Ray
     kills a task worker that is idle for a second, and once the model stage holds reads back
     (the in-flight cap), every shard paid a new worker process and its imports. At 20,000
     images that was 336 CPU-seconds of worker start-up, a third of the model's own time.
-    It lives here, not in runner.py, so that a read worker imports only pyarrow and fsspec,
-    never torch (~2 CPU-seconds per worker)."""
+    It imports only pyarrow and fsspec, never torch (~2 CPU-seconds per worker)."""
 
     def __init__(self, source: dict):
         self.spec = SourceSpec.model_validate(source)
@@ -140,23 +287,14 @@ class ShardReader:
     def __call__(self, batch: dict) -> Iterator[pa.Table]:
         for row in batch["shard"]:
             shard = Shard(**json.loads(row))
-            for chunk in read_shard(shard, self.spec):
-                yield pa.Table.from_pylist(chunk, schema=RECORD_SCHEMA)
+            for part in read_parts(shard, self.spec):
+                yield part_row(part)
 
 
 @functools.lru_cache(maxsize=4)
 def _key_set(uri: str) -> frozenset[str]:
     with fsspec.open(uri, "r") as f:
         return frozenset(line.strip() for line in f if line.strip())
-
-
-def record(shard: Shard, key: str, member: str, image: bytes | None, label: int | None = None,
-           status: str = "record", error_type: str | None = None, message: str | None = None,
-           source_uri: str | None = None) -> dict:
-    return {"key": key, "image": image or b"", "source_uri": source_uri or shard.uri, "source_etag": shard.etag,
-            "member": member, "label": label, "status": status,
-            "error_stage": "read" if status != "record" else None,
-            "error_type": error_type, "error_message": message, "shard": shard.uri, "ordinal": -1}
 
 
 # --- WebDataset tar shards ---------------------------------------------------------------------
@@ -178,31 +316,42 @@ def unsafe_reason(m: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _read_tar(shard: Shard, source: SourceSpec) -> Iterator[dict]:
+def _read_tar(shard: Shard, source: SourceSpec) -> Iterator[Record]:
     """Members arrive in tar order; a sample is the run of consecutive members sharing a key."""
     seen: set[str] = set()
     group_key: str | None = None
     group: dict[str, tuple[str, bytes]] = {}
-    extra: list[dict] = []
+    extra: list[Record] = []
     dup = False
+    last = "the first member"
 
-    def flush() -> Iterator[dict]:
+    def flush() -> Iterator[Record]:
         if group_key is not None and not dup:
-            yield from _sample_records(shard, group_key, group)
+            yield from _sample_records(group_key, group)
         yield from extra
 
     fs, path = fsspec.core.url_to_fs(shard.uri)
-    with fs.open(path, "rb", block_size=8 << 20) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for m in tar:
+    with fs.open(path, "rb", block_size=8 << 20) as f, _open_tar(f) as tar:
+        members = iter(tar)
+        while True:
+            try:
+                m = next(members, None)
+                if m is None:
+                    break
+                data = tar.extractfile(m).read() if m.isfile() and not unsafe_reason(m) else b""
+            except (tarfile.TarError, EOFError, OSError) as e:
+                yield from flush()  # the last whole sample before the fault is still a record
+                kind = "TruncatedShard" if isinstance(e, tarfile.ReadError | EOFError) else _fault_kind(e)
+                raise ShardFault(kind, f"offset {f.tell()}, after {last}", e) from None
+            last = f"member {m.name!r}"
             if m.isdir():
                 continue
             reason = unsafe_reason(m)
             if reason:
-                yield record(shard, m.name, m.name, None, status="error", error_type="UnsafeMember",
+                yield Record(m.name, m.name, status="error", error_type="UnsafeMember",
                              message=f"{reason}; fix the shard or ignore this row")
                 continue
             key, ext = _split_key(m.name)
-            data = tar.extractfile(m).read() if m.isfile() else b""
             if key != group_key:
                 yield from flush()
                 group_key, group, extra = key, {}, []
@@ -211,28 +360,36 @@ def _read_tar(shard: Shard, source: SourceSpec) -> Iterator[dict]:
             if dup:
                 # The same key again after its sample ended: report it, never merge it silently.
                 if is_image_name(m.name):
-                    yield record(shard, key, m.name, None, status="error", error_type="DuplicateKey",
+                    yield Record(key, m.name, status="error", error_type="DuplicateKey",
                                  message=f"key {key!r} appears twice in the shard; the first sample was kept")
                 continue
             if ext in group:
-                extra.append(record(shard, key, m.name, None, status="error", error_type="DuplicateKey",
+                extra.append(Record(key, m.name, status="error", error_type="DuplicateKey",
                                     message=f"member {m.name!r} repeats {group[ext][0]!r}; the first was kept"))
                 continue
             group[ext] = (m.name, data)
         yield from flush()
 
 
-def _sample_records(shard: Shard, key: str, group: dict[str, tuple[str, bytes]]) -> Iterator[dict]:
+def _open_tar(f) -> tarfile.TarFile:
+    """A tar read as a stream (one pass, no seeks: object stores); not a tar is the shard's fault."""
+    try:
+        return tarfile.open(fileobj=f, mode="r|*")
+    except (tarfile.TarError, EOFError) as e:
+        raise ShardFault("UnreadableShard", "offset 0 (not a tar archive, or empty)", e) from None
+
+
+def _sample_records(key: str, group: dict[str, tuple[str, bytes]]) -> Iterator[Record]:
     images = [ext for ext in group if is_image_name("x." + ext)]
     if not images:
         names = ", ".join(n for n, _ in group.values())
-        yield record(shard, key, names, None, status="skipped", error_type="NoImageMember",
+        yield Record(key, names, status="skipped", error_type="NoImageMember",
                      message=f"sample {key!r} has no image member ({names})")
         return
     name, data = group[images[0]]
-    yield record(shard, key, name, data, label=_label_of(group))
+    yield Record(key, name, data, _label_of(group))
     for ext in images[1:]:
-        yield record(shard, key, group[ext][0], None, status="error", error_type="DuplicateKey",
+        yield Record(key, group[ext][0], status="error", error_type="DuplicateKey",
                      message=f"sample {key!r} has a second image {group[ext][0]!r}; the first ({name!r}) was used")
 
 
@@ -251,29 +408,47 @@ def _label_of(group: dict[str, tuple[str, bytes]]) -> int | None:
 
 # --- Parquet with an image-bytes column ----------------------------------------------------------
 
-def _read_parquet(shard: Shard, source: SourceSpec) -> Iterator[dict]:
+def _columns(source: SourceSpec) -> list[str]:
+    return [c for c in (source.image_column, source.label_column, source.key_column) if c]
+
+
+def _missing_columns(uri: str, source: SourceSpec) -> str | None:
+    """What is wrong with a Parquet shard's columns for this source, or None."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        names = pq.read_schema(f).names
+    missing = [c for c in _columns(source) if c not in names]
+    if missing:
+        return (f"{uri}: column {missing[0]!r} not found (has {names}); "
+                "set source.image_column / label_column / key_column")
+    return None
+
+
+def _read_parquet(shard: Shard, source: SourceSpec) -> Iterator[Record]:
     fs, path = fsspec.core.url_to_fs(shard.uri)
     base = posixpath.basename(path).removesuffix(".parquet")
-    columns = [c for c in (source.image_column, source.label_column, source.key_column) if c]
+    columns = _columns(source)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
-            raise SourceError(f"{shard.uri}: column {missing[0]!r} not found (has {pf.schema_arrow.names}); "
-                              "set source.image_column / label_column / key_column")
+            raise ShardFault("UnreadableShard", f"its schema ({pf.schema_arrow.names})",
+                             KeyError(f"column {missing[0]!r} not found"))
         row = 0
-        for batch in pf.iter_batches(batch_size=CHUNK, columns=columns):
-            cols = batch.to_pydict()
-            for i, data in enumerate(cols[source.image_column]):
-                key = str(cols[source.key_column][i]) if source.key_column else f"{base}/{row}"
-                label = cols[source.label_column][i] if source.label_column else None
-                yield record(shard, key, f"row {row}", data, label=None if label is None else int(label))
+        for batch in pf.iter_batches(batch_size=256, columns=columns):
+            images = batch.column(source.image_column).to_pylist()
+            keys = batch.column(source.key_column).to_pylist() if source.key_column else None
+            labels = batch.column(source.label_column).to_pylist() if source.label_column else None
+            for i, data in enumerate(images):
+                key = str(keys[i]) if keys else f"{base}/{row}"
+                label = labels[i] if labels else None
+                yield Record(key, f"row {row}", data, None if label is None else int(label))
                 row += 1
 
 
 # --- A folder of image files -----------------------------------------------------------------------
 
-def _read_images(shard: Shard, source: SourceSpec) -> Iterator[dict]:
+def _read_images(shard: Shard, source: SourceSpec) -> Iterator[Record]:
     roots = [fsspec.core.url_to_fs(u)[1].rstrip("/") for u in ([source.uri] if isinstance(source.uri, str) else source.uri)]
     for uri in shard.files:
         fs, path = fsspec.core.url_to_fs(uri)
@@ -283,6 +458,6 @@ def _read_images(shard: Shard, source: SourceSpec) -> Iterator[dict]:
         try:
             data = fs.cat_file(path)
         except OSError as e:
-            yield record(shard, key, rel, None, status="error", error_type="ReadError", message=str(e), source_uri=uri)
+            yield Record(key, rel, status="error", error_type="ReadError", message=f"{uri}: {e}", source_uri=uri)
             continue
-        yield record(shard, key, rel, data, source_uri=uri)
+        yield Record(key, rel, data, source_uri=uri)

@@ -85,25 +85,33 @@ def test_pixel_limit_is_configurable():
         decode_image(data, PRE, max_pixels=100 * 100)
 
 
+def _records(rows: list[dict]):
+    """A part's records (RECORD_SCHEMA) from a few fields per row."""
+    import pyarrow as pa
+
+    from pipeline.sources import RECORD_SCHEMA
+
+    base = {"source_uri": "s3://b/s.tar", "source_etag": "e", "label": None, "error_stage": None,
+            "error_type": None, "error_message": None, "status": "record"}
+    return pa.Table.from_pylist([base | {"member": r["key"]} | r for r in rows], schema=RECORD_SCHEMA)
+
+
 def test_parallel_decode_gives_the_same_pixels_and_errors_as_serial():
     from concurrent.futures import ThreadPoolExecutor
 
-    import pyarrow as pa
-
-    from pipeline.predict import decode_records
-    from pipeline.sources import RECORD_SCHEMA
+    from pipeline.decode import decode_records
 
     blobs = [image_bytes(300 + 37 * i, 200 + 11 * i, seed=i) for i in range(12)]
     blobs[3], blobs[7] = b"not an image", b""
-    rows = [{"key": f"k{i}", "image": b, "status": "record", "ordinal": i} for i, b in enumerate(blobs)]
-    rows.append({"key": "", "status": "shard_end", "ordinal": -1})
-    table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+    table = _records([{"key": f"k{i}", "image": b} for i, b in enumerate(blobs)]
+                     + [{"key": "unsafe", "image": b"", "status": "error", "error_type": "UnsafeMember"}])
     serial_px, serial = decode_records(table, PRE)
     with ThreadPoolExecutor(3) as pool:
         px, cols = decode_records(table, PRE, pool)
     assert np.array_equal(px, serial_px) and cols == serial
-    assert cols["status"].count("ok") == 10 and cols["status"][-1] == "shard_end"
-    assert (cols["error_type"][3], cols["error_type"][7]) == ("UnsupportedFormat", "EmptyFile")
+    assert cols["status"].count("ok") == 10 and cols["status"][-1] == "error"
+    assert (cols["error_type"][3], cols["error_type"][7], cols["error_type"][-1]) == \
+        ("UnsupportedFormat", "EmptyFile", "UnsafeMember")
     assert px[0].any() and not px[3].any()
 
 
@@ -123,31 +131,26 @@ def test_resize_and_crop_matches_resize_then_crop():
 
 
 def test_the_decode_stage_hands_the_model_the_same_pixels_and_errors():
-    """GPU clusters decode in Decoder actors; the model actor then reads `pixels` without a copy.
-    Rows, their order, the error columns and the pixels must equal decoding in the model actor."""
-    import pyarrow as pa
-
+    """GPU clusters decoding on CPUs do it in Decoder actors; the model actor then reads `pixels`
+    without a copy. Records, their order, the error columns and the pixels must equal decoding in
+    the model actor, and the part travels on with its shard, number and last flag."""
     from pipeline.decode import Decoder, decode_records
-    from pipeline.sources import RECORD_SCHEMA
+    from pipeline.sources import Part, Shard, part_row, parts_of
 
-    def rec(key: str, image: bytes, status: str = "record", error_type: str | None = None) -> dict:
-        return {"key": key, "image": image, "source_uri": "s3://b/s.tar", "source_etag": "e", "member": key,
-                "label": None, "status": status, "error_stage": "read" if error_type else None,
-                "error_type": error_type, "error_message": "unsafe" if error_type else None, "shard": "s3://b/s.tar",
-                "ordinal": len(key)}
-
-    rows = [rec("a", image_bytes(90, 50, seed=1)), rec("bad", b"not an image at all"),
-            rec("unsafe", b"", "error", "UnsafeMember"), rec("b", image_bytes(40, 70, "PNG", seed=2)),
-            rec("end", b"", "shard_end")]
-    table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
-    fused_pixels, fused_cols = decode_records(table, PRE)
-
-    staged = Decoder(PRE.to_dict())(table.slice(1))  # a slice: the stage must honour the array offset
-    staged = pa.concat_tables([Decoder(PRE.to_dict())(table.slice(0, 1)), staged])
-    assert "image" not in staged.column_names and staged.column("key").to_pylist() == ["a", "bad", "unsafe", "b", "end"]
-    pixels, cols = decode_records(staged, PRE)
+    records = _records([{"key": "a", "image": image_bytes(90, 50, seed=1)},
+                        {"key": "bad", "image": b"not an image at all"},
+                        {"key": "unsafe", "image": b"", "status": "error", "error_stage": "read",
+                         "error_type": "UnsafeMember", "error_message": "unsafe"},
+                        {"key": "b", "image": image_bytes(40, 70, "PNG", seed=2)}])
+    fused_pixels, fused_cols = decode_records(records, PRE)
+    part = Part(Shard("s3://b/s.tar", "e", 0), 3, True, records)
+    staged = list(parts_of(Decoder(PRE.to_dict())(part_row(part))))
+    assert len(staged) == 1 and (staged[0].shard.uri, staged[0].index, staged[0].last) == ("s3://b/s.tar", 3, True)
+    out = staged[0].records
+    assert "image" not in out.column_names and out.column("key").to_pylist() == ["a", "bad", "unsafe", "b"]
+    pixels, cols = decode_records(out, PRE)
     assert cols == fused_cols
-    assert cols["status"] == ["ok", "error", "error", "ok", "shard_end"]
+    assert cols["status"] == ["ok", "error", "error", "ok"]
     assert cols["error_type"][1] == "UnsupportedFormat" and cols["error_type"][2] == "UnsafeMember"
-    assert pixels.shape == (5, 32, 32, 3) and np.array_equal(pixels, fused_pixels)
+    assert pixels.shape == (4, 32, 32, 3) and np.array_equal(pixels, fused_pixels)
     assert pixels[0].std() > 0 and not pixels[1].any()  # real pixels for ok rows, zeros for the others

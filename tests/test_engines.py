@@ -8,12 +8,12 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline.engines.base import build_engine, resolve_backend
+from pipeline.engines.build import build_engine, resolve_backend
 from pipeline.engines.cache import CacheKey, EngineCache
-from pipeline.engines.gate import compare
 from pipeline.engines.onnx_engine import OnnxEngine, onnx_bytes
 from pipeline.engines.tensorrt_engine import tensorrt_available
 from pipeline.engines.torch_engine import TorchEngine
+from pipeline.gate import compare
 from pipeline.model.checkpoints import load_checkpoint, random_checkpoint
 
 
@@ -294,7 +294,7 @@ def test_quantized_precisions_name_their_backends(small_ckpt):
 @pytest.mark.skipif(not TRT_OK, reason=f"TensorRT backend needs tensorrt and a CUDA GPU: {TRT_WHY}")
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_tensorrt_quantized_from_the_calibrated_graph_passes_the_gate(tmp_path, digits, precision):
-    from pipeline.engines.base import gpu_capability
+    from pipeline.engines.build import gpu_capability
 
     if precision == "fp8" and int(gpu_capability()[3:]) < 89:
         pytest.skip(f"fp8 needs compute capability >= 8.9; this GPU is {gpu_capability()}")
@@ -317,83 +317,46 @@ def test_cache_put_replaces_an_entry_and_a_torn_replace_reads_as_a_miss(tmp_path
     assert data is None and why.startswith("checksum mismatch")
 
 
-class _SizeSensitiveEngine:
-    """Wraps a real engine and adds a cost per call that favours calls of `best` images
-    (as CPU caches favour one size): the tuner must find that size from its own timings."""
+class _CountingEngine:
+    """Wraps a real engine and records the size of every call it gets."""
 
-    def __init__(self, engine, best: int):
-        self.engine, self.best, self.calls = engine, best, []
-        self.info, self.embed_dim, self.num_classes = engine.info, engine.embed_dim, engine.num_classes
+    def __init__(self, engine, device: str | None = None):
+        from dataclasses import replace
+
+        self.engine, self.calls = engine, []
+        self.info = replace(engine.info, device=device) if device else engine.info  # the work stays real
+        self.embed_dim, self.num_classes = engine.embed_dim, engine.num_classes
 
     def run(self, images):
-        import time
-
-        n = len(images)
-        self.calls.append(n)
-        # 4 ms per image, 12 away from the favoured size (a tail of 3/4 or more counts as it): a margin
-        # far over the engine's own per-size differences and this host's drift
-        time.sleep(0.004 * n * (1 if 3 * self.best <= 4 * n <= 4 * self.best else 3))
+        self.calls.append(len(images))
         return self.engine.run(images)
 
 
-@pytest.mark.parametrize("best", [4, 8, 16])
-def test_batch_tuner_keeps_the_fastest_size_and_changes_no_result(small_ckpt, best):
-    from pipeline.engines.batching import TunedEngine, candidate_sizes
-
-    assert candidate_sizes(16) == [4, 8, 16] and candidate_sizes(64) == [16, 32, 64] and candidate_sizes(2) == [2]
-    torch_engine = TorchEngine(small_ckpt, "fp32", "cpu", 1)
-    slow = _SizeSensitiveEngine(torch_engine, best)
-    tuned = TunedEngine(slow, max_batch=16)
-    batches = [np.random.default_rng(i).integers(0, 255, (16, 64, 64, 3), dtype=np.uint8) for i in range(12)]  # 2 settling + 9 trials + 1
-    for x in batches:
-        emb, logits = tuned.run(x)
-        ref_emb, ref_logits = torch_engine.run(x)  # sub-batching changes no row and no order
-        assert emb.shape == ref_emb.shape and np.abs(emb - ref_emb).max() < 1e-4
-        assert np.abs(logits - ref_logits).max() < 1e-4
-    assert tuned.chosen == best, tuned.describe()
-    assert set(slow.calls[-(16 // best) * 1:]) == {best}  # after the 11 trial batches, only the chosen size
-    assert f"engine batch {best} chosen" in tuned.describe()
-
-
-def test_batch_tuner_times_batches_that_miss_a_few_images_and_pads_them_on_a_gpu(small_ckpt):
-    """Ray's batches carry each shard's end marker and error rows, so the engine's share is rarely
-    exactly batch_size: such calls still count (the first GPU run measured no call of 256). On a
-    GPU the short sub-batch is padded, so the engine only ever sees the candidate shapes."""
-    from dataclasses import replace
-
-    from pipeline.engines.batching import TunedEngine
+def test_engine_calls_have_the_fixed_size_and_change_no_row(small_ckpt):
+    """No tuning on the job's first images (it made them slower): every call has the call size,
+    the last one shorter on a CPU and padded to the full shape on a GPU, and rows come back in
+    order with the padding cut off."""
+    from pipeline.engines.base import run_in_calls
 
     torch_engine = TorchEngine(small_ckpt, "fp32", "cpu", 1)
-    batches = [np.random.default_rng(i).integers(0, 255, (15, 64, 64, 3), dtype=np.uint8) for i in range(12)]
-    cpu = _SizeSensitiveEngine(torch_engine, best=16)
-    tuned = TunedEngine(cpu, max_batch=16)
-    for x in batches:
-        tuned.run(x)
-    assert tuned.chosen == 16 and tuned.rates()[16] > 0 and tuned.retries == 0, tuned.describe()
-    assert 15 in cpu.calls and 16 not in cpu.calls  # on a CPU: no padding
-
-    gpu = _SizeSensitiveEngine(torch_engine, best=16)
-    gpu.info = replace(torch_engine.info, device="cuda:0")  # what a CUDA engine reports; the work stays real
-    tuned = TunedEngine(gpu, max_batch=16)
-    for x in batches:
-        emb, logits = tuned.run(x)
-        ref_emb, _ = torch_engine.run(x)
-        assert emb.shape == ref_emb.shape and np.abs(emb - ref_emb).max() < 1e-4  # the padding is cut off
-    assert set(gpu.calls) <= {4, 8, 16} and tuned.chosen == 16, (gpu.calls, tuned.describe())
-
-
-def test_batch_tuner_off_runs_whole_batches(small_ckpt, images):
-    from pipeline.engines.batching import TunedEngine
-
-    slow = _SizeSensitiveEngine(TorchEngine(small_ckpt, "fp32", "cpu", 1), best=2)
-    tuned = TunedEngine(slow, max_batch=6, tune=False)
-    tuned.run(images)
-    assert tuned.chosen == 6 and slow.calls == [6]
+    x = np.random.default_rng(0).integers(0, 255, (37, 64, 64, 3), dtype=np.uint8)
+    ref_emb, ref_logits = torch_engine.run(x)
+    cpu = _CountingEngine(torch_engine)
+    emb, logits = run_in_calls(cpu, x, 16)
+    assert cpu.calls == [16, 16, 5]
+    assert emb.shape == ref_emb.shape and np.abs(emb - ref_emb).max() < 1e-4
+    assert np.abs(logits - ref_logits).max() < 1e-4
+    gpu = _CountingEngine(torch_engine, device="cuda:0")
+    emb, _ = run_in_calls(gpu, x, 16, pad=True)
+    assert gpu.calls == [16, 16, 16] and emb.shape == ref_emb.shape and np.abs(emb - ref_emb).max() < 1e-4
+    emb, logits = run_in_calls(cpu, x[:0], 16)  # a part whose every record failed
+    assert emb.shape == (0, small_ckpt.config.dim) and logits.shape[0] == 0
 
 
 def test_the_gate_waits_for_nothing_but_a_build_and_never_runs_in_a_driver_without_the_gpu():
     from pipeline.config import JobSpec
-    from pipeline.runner import Plan, gate_placement
+    from pipeline.gate import placement
+    from pipeline.plan import Plan
 
     cpu, gpu = Plan(1, 1.75, 0.0, 2, 0.25), Plan(1, 1.0, 1.0, 1, 0.25)
 
@@ -403,41 +366,52 @@ def test_the_gate_waits_for_nothing_but_a_build_and_never_runs_in_a_driver_witho
 
     # torch has nothing to build: on CPUs the check runs in the driver while the actors start,
     # on GPUs inside each model actor (no second GPU process just for the gate)
-    assert gate_placement(spec(precision="bf16"), cpu) == ("driver", "torch")
-    assert gate_placement(spec(backend="auto", precision="bf16"), cpu) == ("driver", "torch")  # auto -> torch
-    assert gate_placement(spec(precision="fp16"), gpu) == ("actors", "torch")
+    assert placement(spec(precision="bf16"), cpu) == ("driver", "torch")
+    assert placement(spec(backend="auto", precision="bf16"), cpu) == ("driver", "torch")  # auto -> torch
+    assert placement(spec(precision="fp16"), gpu) == ("actors", "torch")
     # a build to cache first: ONNX export, int8 calibration, torch.compile
-    assert gate_placement(spec(backend="auto", precision="fp32"), cpu) == ("first", "onnx")
-    assert gate_placement(spec(backend="onnx", precision="int8"), cpu)[0] == "first"
-    assert gate_placement(spec(precision="bf16", compile=True), cpu)[0] == "first"
-    assert gate_placement(spec(precision="fp16", compile=True), gpu)[0] == "first"
+    assert placement(spec(backend="auto", precision="fp32"), cpu) == ("first", "onnx")
+    assert placement(spec(backend="onnx", precision="int8"), cpu)[0] == "first"
+    assert placement(spec(precision="bf16", compile=True), cpu)[0] == "first"
+    assert placement(spec(precision="fp16", compile=True), gpu)[0] == "first"
     # auto on GPUs may mean TensorRT: resolved and built on a GPU worker, not by this driver
-    assert gate_placement(spec(backend="auto", precision="fp16"), gpu) == ("first", None)
+    assert placement(spec(backend="auto", precision="fp16"), gpu) == ("first", None)
     # asked for
-    assert gate_placement(spec(precision="bf16", gate={"placement": "actors"}), cpu) == ("actors", "torch")
-    assert gate_placement(spec(precision="bf16", gate={"placement": "first"}), cpu) == ("first", "torch")
+    assert placement(spec(precision="bf16", gate={"placement": "actors"}), cpu) == ("actors", "torch")
+    assert placement(spec(precision="bf16", gate={"placement": "first"}), cpu) == ("first", "torch")
     with pytest.raises(ValueError, match="placement: driver .* no GPU"):
-        gate_placement(spec(precision="fp16", gate={"placement": "driver"}), gpu)
+        placement(spec(precision="fp16", gate={"placement": "driver"}), gpu)
 
 
-def test_the_plan_gives_a_gpu_cluster_decode_actors_and_a_cpu_cluster_none():
+def test_the_plan_decodes_on_the_gpu_or_gives_it_decode_actors_and_fits_every_actor():
     from pipeline.config import JobSpec
-    from pipeline.runner import plan_resources
+    from pipeline.plan import plan_resources
 
-    def spec(**resources) -> JobSpec:
+    def spec(engine: dict | None = None, **resources) -> JobSpec:
         return JobSpec.model_validate({"name": "t", "source": {"uri": "/in"}, "model": {"arch": "vit_ti_16"},
-                                       "resources": resources, "output": {"uri": "/out"}})
+                                       "engine": engine or {}, "resources": resources, "output": {"uri": "/out"}})
 
     gpu_node, cpu_node = {"CPU": 16.0, "GPU": 1.0}, {"CPU": 2.0}
-    p = plan_resources(spec(), [gpu_node])  # 16 CPUs = 1 (model actor) + 13 decoders + 5 readers x 0.25
-    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor, p.decoders) == (1, 1.0, 1.0, 13)
-    assert p.read_actors(shards=100) == 5 and p.read_actors(shards=3) == 3  # a reader per 3 decoders
+    # decode auto on a GPU: nvJPEG in the model actor, no decode actors; 4 readers; up to 4 CPUs for
+    # the actor's CPU side (fallback decoding, Arrow, Parquet); call size 256
+    p = plan_resources(spec(), [gpu_node])
+    assert (p.actors, p.gpus_per_actor, p.decode, p.decoders, p.readers, p.cpus_per_actor, p.call_size) == \
+        (1, 1.0, "gpu", 0, 4, 4.0, 256)
+    # decode cpu: every CPU the model and read actors leave goes to decode actors, a reader per 3
+    p = plan_resources(spec({"decode": "cpu"}), [gpu_node])  # 16 CPUs = 1 + 13 decoders + 5 readers x 0.25
+    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor, p.decoders, p.decode) == (1, 1.0, 1.0, 13, "cpu")
+    assert p.read_actors(shards=100) == 5 and p.read_actors(shards=3) == 3
     assert p.buffer_mb(512) == int((1 + 13 / 4) * 512)  # room for the decoders' pixels too
-    p = plan_resources(spec(), [gpu_node, gpu_node, cpu_node])  # two GPUs: 34 = 2 + 29 + 10 x 0.25
+    p = plan_resources(spec({"decode": "cpu"}), [gpu_node, gpu_node, cpu_node])  # 34 = 2 + 29 + 10 x 0.25
     assert (p.actors, p.decoders, p.read_actors(100)) == (2, 29, 10)
     assert plan_resources(spec(decode_actors=3), [gpu_node]).decoders == 3
-    p = plan_resources(spec(), [cpu_node, cpu_node])  # CPUs only: decoding stays inside the model actors
-    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor, p.decoders) == (2, 0.0, 1.75, 0)
+    # CPUs only: decoding inside the model actors, which leave each node's two readers their share
+    p = plan_resources(spec(), [cpu_node, cpu_node])
+    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor, p.decoders, p.call_size) == (2, 0.0, 1.5, 0, 32)
     assert p.read_actors(shards=100) == 4 and p.buffer_mb(512) == 1024
+    assert p.actors * p.cpus_per_actor + p.readers * p.read_cpus <= 4.0  # every actor fits at once
     p = plan_resources(spec(decode_actors=2), [{"CPU": 4.0}, {"CPU": 4.0}])  # asked for: CPUs come off the actors
-    assert (p.actors, p.cpus_per_actor, p.decoders) == (2, 2.75, 2)
+    assert (p.actors, p.cpus_per_actor, p.decoders) == (2, 2.5, 2)
+    assert plan_resources(spec({"batch_size": 48}), [cpu_node]).call_size == 48
+    with pytest.raises(ValueError, match="decode gpu: the cluster has no GPU"):
+        plan_resources(spec({"decode": "gpu"}), [cpu_node])

@@ -19,8 +19,8 @@ import torch
 
 from pipeline.decode import decode_image
 from pipeline.demo import digit_jpegs, write_shards
-from pipeline.engines.gate import compare
 from pipeline.engines.torch_engine import TorchEngine
+from pipeline.gate import compare
 from pipeline.model.checkpoints import load_checkpoint
 
 pytestmark = [

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import JobSpec
 from pipeline.demo import digit_jpegs, write_shards
-from pipeline.predict import load_model
+from pipeline.model.checkpoints import load_model
 from pipeline.runner import run_job
 from pipeline.sink import OutputExistsError
 
@@ -192,7 +192,7 @@ def test_int8_is_calibrated_on_the_jobs_images_gated_and_labels_them(ray_cluster
     import numpy as np
     import ray
 
-    from pipeline.engines.base import build_engine
+    from pipeline.engines.build import build_engine
     from pipeline.predict import Predictor
 
     write_shards(digit_jpegs("test")[:160], str(tmp_path / "in"), n_shards=2)
@@ -207,13 +207,15 @@ def test_int8_is_calibrated_on_the_jobs_images_gated_and_labels_them(ray_cluster
     keys = duckdb.sql(f"SELECT count(DISTINCT key) FROM '{tmp_path}/o/part-*.parquet'").fetchall()
     assert keys == [(160,)]
     # An actor on a node whose cache misses builds the same graph from the calibration batch it is handed.
-    from pipeline.predict import calibration_images
+    from pipeline.gate import gate_images
     from pipeline.sources import list_shards
 
-    ckpt = load_model(spec)
-    cal = calibration_images(spec, list_shards(spec.source), ckpt.preprocess, 48)
+    ckpt = load_model(spec.model)
+    cal = gate_images(spec, list_shards(spec.source), ckpt.preprocess, 48)
     job = spec.model_copy(update={"engine": spec.engine.model_copy(update={"cache_uri": str(tmp_path / "other")})})
-    actor = Predictor(job.model_dump(), threads=1, backend="onnx", calibration=ray.put(cal))
+    writer = {"uri": str(tmp_path / "w"), "run_id": "r", "metadata": {}, "row_group_rows": 100}
+    actor = Predictor(job.model_dump(), threads=1, call_size=16, decode="cpu", writer=writer, backend="onnx",
+                      calibration=ray.put(cal))
     cached = build_engine(ckpt, "onnx", "int8", "cpu", 1, cache_uri=str(tmp_path / "engines"), calibration=cal)
     assert "Q/DQ graph (48 calibration images): hit" in cached.cache
     x = np.asarray(cal[:16])
@@ -242,7 +244,7 @@ def test_a_nightly_int8_run_finds_the_graph_calibrated_the_night_before(ray_clus
 
 @pytest.mark.parametrize("placement", ["driver", "actors"])
 def test_gate_miss_stops_the_job_before_any_output(ray_cluster, tmp_path, placement):
-    from pipeline.engines.gate import GateError
+    from pipeline.gate import GateError
 
     write_shards(digit_jpegs("test")[:32], str(tmp_path / "in"), n_shards=1)
     out = tmp_path / "out"

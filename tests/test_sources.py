@@ -10,19 +10,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import SourceSpec
-from pipeline.sources import SourceError, list_shards, read_shard
+from pipeline.sources import SourceError, list_shards, read_parts
 
 from helpers import bad_input_members, image_bytes, tar_bytes
 
 
 def _records(source: SourceSpec) -> list[dict]:
-    """Every row of every shard, checking each shard ends with a marker that counts its rows."""
+    """Every record of every shard, checking that each shard's parts are numbered and end with the last."""
     out = []
     for s in list_shards(source):
-        rows = [r for chunk in read_shard(s, source, chunk=4) for r in chunk]
-        assert rows[-1]["status"] == "shard_end" and rows[-1]["label"] == len(rows) - 1
-        assert all(r["shard"] == s.uri for r in rows)
-        out += rows[:-1]
+        parts = list(read_parts(s, source))
+        assert [p.index for p in parts] == list(range(len(parts))) and all(p.shard == s for p in parts)
+        assert [p.last for p in parts] == [False] * (len(parts) - 1) + [True]
+        out += [r for p in parts for r in p.records.to_pylist()]
     return out
 
 
@@ -33,13 +33,13 @@ def test_webdataset_labels_provenance_and_chunks(tmp_path):
     members += [("meta/j001.png", image_bytes(8, 8, "PNG")), ("meta/j001.json", b'{"label": 7}')]
     (tmp_path / "a.tar").write_bytes(tar_bytes(members))
     (tmp_path / "ignored.txt").write_text("not a shard")
-    source = SourceSpec(uri=str(tmp_path), format="webdataset")
+    source = SourceSpec(uri=str(tmp_path), format="webdataset", records_per_part=4)
     shards = list_shards(source)
     assert [s.uri.rsplit("/", 1)[1] for s in shards] == ["a.tar"]
     assert shards[0].etag and shards[0].size > 0
-    chunks = list(read_shard(shards[0], source, chunk=4))
-    assert [len(c) for c in chunks] == [4, 4, 4]  # 11 records, then the shard_end marker
-    recs = [r for c in chunks for r in c][:-1]
+    parts = list(read_parts(shards[0], source))
+    assert [p.records.num_rows for p in parts] == [4, 4, 3] and [p.last for p in parts] == [False, False, True]
+    recs = [r for p in parts for r in p.records.to_pylist()]
     assert [r["key"] for r in recs] == [f"s{i:03d}" for i in range(10)] + ["meta/j001"]
     assert [r["label"] for r in recs] == [i % 3 for i in range(10)] + [7]
     assert all(r["status"] == "record" and r["source_uri"] == shards[0].uri for r in recs)
@@ -89,8 +89,8 @@ def test_parquet_source_with_key_and_label_columns():
     assert [r["key"] for r in recs] == [f"r{i}" for i in range(5)]
     assert [r["label"] for r in recs] == [0, 1, None, 3, 4]
     bad = SourceSpec(uri="memory://pq/data", format="parquet", image_column="pixels")
-    with pytest.raises(SourceError, match="column 'pixels' not found"):
-        _records(bad)
+    with pytest.raises(SourceError, match="column 'pixels' not found"):  # at listing, before any work
+        list_shards(bad)
 
 
 def test_empty_or_missing_source_fails_before_any_work(tmp_path):

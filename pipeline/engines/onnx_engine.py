@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 import torch
 
-from pipeline.engines.base import EngineInfo
+from pipeline.engines.base import EngineInfo, as_numpy
 from pipeline.engines.torch_engine import DTYPES, UInt8ViT
 from pipeline.model.checkpoints import Checkpoint
 
@@ -80,6 +80,7 @@ class OnnxEngine:
         dev = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
         self.info = EngineInfo("onnx", dev, precision, threads, ort.__version__)
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        emb, logits = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(images, dtype=np.uint8)})
+    def run(self, images) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(as_numpy(images), dtype=np.uint8)  # (B, S, S, 3)
+        emb, logits = self.session.run(list(OUTPUTS), {INPUT: x})
         return emb.astype(np.float32), logits.astype(np.float32)

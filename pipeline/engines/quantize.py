@@ -11,7 +11,7 @@ static quantizer (a library made for exactly this), and the resulting graph is:
   INT8 or FP8 kernel.
 
 Layout TensorRT expects: symmetric scales (zero point 0) for activations and weights,
-per-channel scales for weights, only the compute-heavy ops (MatMul, Gemm, Conv) quantized;
+per-channel scales for weights, only the compute-heavy ops (MatMul, Gemm) quantized;
 biases, normalization, softmax and layer norms stay in floating point (TensorRT has no int32
 DequantizeLinear for quantized biases).
 
@@ -23,7 +23,7 @@ calibration, which clipped the digits ViT to a mean cosine of 0.93 vs fp32 in ou
 where amax scales give 0.9992.
 
 The activation ranges come from `images`: the first decodable images of the job's own
-shards (predict.calibration_images). The gate then checks the quantized engine against
+shards (gate.gate_images). The gate then checks the quantized engine against
 torch fp32 on *other* images of the same job, so a poor calibration refuses to run.
 """
 
@@ -40,7 +40,11 @@ from pipeline.engines.onnx_engine import INPUT
 
 QUANTIZED = ("int8", "fp8")
 E4M3_MAX = 448.0  # the largest finite float8 e4m3fn value
-QUANTIZED_OPS = ["MatMul", "Gemm", "Conv"]
+# The patch embedding (the one Conv) stays in floating point, as the first layer of a quantized
+# network usually does: it is ~1/(4 x depth) of the compute, and with onnxruntime 1.29-1.32 and
+# the current exporter, quantizing it took the digits model's int8 gate from cosine 0.9989 to
+# 0.917 (min 0.50) on held-out images.
+QUANTIZED_OPS = ["MatMul", "Gemm"]
 CALIBRATION_BATCH = 16
 
 
@@ -113,7 +117,7 @@ def _activation_amax(model_path: str, images: np.ndarray, workdir: str) -> dict[
 
 
 def _fp8_qdq(onnx_fp32: bytes, amax: dict[str, float]) -> bytes:
-    """Both inputs of every MatMul/Gemm/Conv go through QuantizeLinear -> DequantizeLinear in
+    """Both inputs of every MatMul/Gemm go through QuantizeLinear -> DequantizeLinear in
     float8 e4m3 with scale amax / 448 (weights: their own amax). Opset 19 has float8 Q/DQ."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper

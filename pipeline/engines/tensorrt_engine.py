@@ -84,13 +84,18 @@ class TensorRTEngine:
         self.num_classes = ckpt.config.num_classes
         self.info = EngineInfo("tensorrt", "cuda", precision, 1, trt.__version__)
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """(B, S, S, 3) uint8 in host memory, or a torch tensor already on the GPU (decoded there)."""
         torch = self.torch
         embs, logits = [], []
+        self.stream.wait_stream(torch.cuda.current_stream())  # images decoded on torch's stream are ready
         for start in range(0, len(images), self.max_batch):
-            chunk = np.ascontiguousarray(images[start : start + self.max_batch])
+            chunk = images[start : start + self.max_batch]
             with torch.cuda.stream(self.stream):
-                x = torch.from_numpy(chunk).pin_memory().cuda(non_blocking=True)  # (B, S, S, 3) uint8
+                if isinstance(chunk, torch.Tensor):
+                    x = chunk.cuda(non_blocking=True).contiguous()  # (B, S, S, 3) uint8
+                else:
+                    x = torch.from_numpy(np.ascontiguousarray(chunk)).pin_memory().cuda(non_blocking=True)
                 B = x.shape[0]
                 outs = {
                     OUTPUTS[0]: torch.empty((B, self.embed_dim), dtype=torch.float32, device="cuda"),

@@ -58,9 +58,10 @@ class TorchEngine:
         self.info = EngineInfo("torch", str(self.device), precision, torch.get_num_threads(), torch.__version__)
 
     @torch.inference_mode()
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(images))  # (B, S, S, 3) uint8
-        if self.device.type == "cuda":
+    def run(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, S, S, 3) uint8, in host memory or already on this engine's GPU."""
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        if self.device.type == "cuda" and x.device.type != "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         emb, logits = self.model(x)  # (B, D), (B, C) float32
         return emb.cpu().numpy(), logits.cpu().numpy()

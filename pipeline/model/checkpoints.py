@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from pipeline.config import ModelSpec
 from pipeline.decode import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401 (re-exported)
 from pipeline.model.vit import ViT, ViTConfig, config_for_arch, resize_pos_embed
 
@@ -388,3 +389,14 @@ def convert_jax_npz(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], 
         raise CheckpointError(f"{source}: no Transformer/encoderblock_0 in the .npz; is it a ViT checkpoint?")
     heads = z["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape[1]
     return sd, int(heads)
+
+
+def load_model(m: ModelSpec) -> Checkpoint:
+    """The job's checkpoint (model section of a job spec) with its overrides applied."""
+    labels = None
+    if m.labels:
+        with fsspec.open(m.labels, "r") as f:
+            text = f.read()
+        labels = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return load_checkpoint(m.checkpoint, m.arch, m.pooling, m.image_size, m.num_classes, m.mean, m.std, labels,
+                           m.heads)
