@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(PIP_ARGS) "torch==2.13.0" -e ".[test,onnx]"
+	$(BIN)/python -m compileall -q pipeline  # Ray starts many Python processes: none should compile vitpipe again
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -66,6 +66,7 @@ class Monitor:
     def __init__(self, interval: float = 1.0):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
         self.proc = psutil.Process()
+        self.driver = self.proc.pid  # the process named "driver" (a subprocess, where one runs the job)
         self.node_of: dict[int, int] = {}  # process pid -> the pid of its node's raylet
         self.proc_cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds during the run)
         self._start_cpu: dict[int, float] = {}  # pid -> CPU seconds when first seen (processes alive before)
@@ -112,13 +113,15 @@ class Monitor:
         """CPU seconds each process spent since the run began, with its role: the profile that says
         where the machine's time went besides the model (Ray's daemons, the S3 server, the driver)."""
         for p in procs:
+            if p.pid == self.proc.pid and self.driver != self.proc.pid:
+                continue  # the benchmark itself, watching a job in another process: not the job's time
             with contextlib.suppress(psutil.Error):
                 t = p.cpu_times()
                 used = t.user + t.system
                 if p.pid not in self._start_cpu:
                     # a process that existed before the run counts from here; one born during it, from 0
                     self._start_cpu[p.pid] = used if p.create_time() < self.t0 else 0.0
-                role = _role(p, self.proc.pid)
+                role = _role(p, self.driver)
                 if role == "?" and p.pid in self.proc_cpu:  # exiting: keep the name it had
                     role = self.proc_cpu[p.pid][0]
                 self.proc_cpu[p.pid] = (role, used - self._start_cpu[p.pid])
@@ -181,9 +184,33 @@ def _role(p: psutil.Process, driver: int) -> str:
         # Ray Data's actors: ray::MapWorker(MapBatches(Predictor)), or fused: ...(a)->MapBatches(b)): the last
         udfs = re.findall(r"MapBatches\((\w+)", title)
         return udfs[-1] if udfs else title
+    for script, role in (("log_monitor.py", "ray log monitor"), ("autoscaler/_private/monitor.py", "ray monitor"),
+                         ("dashboard/dashboard.py", "ray dashboard"), ("dashboard/agent.py", "ray::DashboardAgent")):
+        if script in cmd:
+            return role
     if "weed" in name or "weed" in cmd:
         return "s3 server"
     return name
+
+
+# What each role is, for CPU-ms per image by kind of work (DESIGN.md, Data flow)
+MODEL_ROLES = ("Predictor", "RecipeModel", "Model", "model")
+READ_ROLES = ("ShardReader", "ReadWebDataset", "ReadFiles", "reader")
+DECODE_ROLES = ("Decoder", "recipe_decode", "decode", "loader workers")
+
+
+def role_kind(role: str) -> str:
+    """model | read | decode | driver | s3 server | ray (Ray's own processes: raylet, GCS, agents, idle
+    workers, Ray Data's helper actors)."""
+    if role == "driver" or role == "s3 server":
+        return role
+    if any(r in role for r in MODEL_ROLES):
+        return "model"
+    if any(r in role for r in DECODE_ROLES):
+        return "decode"
+    if any(r in role for r in READ_ROLES):
+        return "read"
+    return "ray"
 
 
 class FirstFile:
@@ -291,12 +318,11 @@ def bench_engine(ckpt, precision: str, threads: int, batch: int, seconds: float 
     """The ceiling: the engine alone at its best call size (the sizes vitpipe's actors try). On a GPU
     each call includes the copy of the uint8 batch to the device and of the results back, as in
     the pipeline; nothing else (no decode, no Ray)."""
-    from pipeline.engines.batching import candidate_sizes
     from pipeline.engines.torch_engine import TorchEngine
 
     S = ckpt.preprocess.image_size
     x = np.random.default_rng(0).integers(0, 255, (batch, S, S, 3), dtype=np.uint8)  # (B, S, S, 3)
-    sizes = candidate_sizes(batch)
+    sizes = sorted({max(1, batch // 4), max(1, batch // 2), batch})
     rates: dict[int, float] = {}
     with Monitor() as mon:
         engine = TorchEngine(ckpt, precision, device, threads)
@@ -319,7 +345,7 @@ def bench_engine(ckpt, precision: str, threads: int, batch: int, seconds: float 
 
 # --- (b) vitpipe ------------------------------------------------------------------------------------
 
-def bench_vitpipe(fs, src: str, arch: str, precision: str, batch: int, tag: str, device: str = "cpu",
+def bench_vitpipe(fs, src: str, arch: str, precision: str, batch: int | None, tag: str, device: str = "cpu",
                   overrides: tuple[str, ...] = ()) -> Result:
     from pipeline.config import JobSpec, apply_override
     from pipeline.runner import run_job
@@ -515,9 +541,9 @@ def markdown(results: list[Result], meta: dict) -> str:
     gpu = any(r.gpu_util is not None for r in results)
     lines = [f"# vitpipe benchmark: {meta['when']}", "",
              f"Machine: {meta['machine']}; images: {meta['images']} JPEGs, 200-2,000 px, in tar shards on "
-             "SeaweedFS S3 (loopback); vitpipe batch {batch} (engine call size tuned), recipe and "
+             "SeaweedFS S3 (loopback); vitpipe engine call size {batch}, recipe and "
              "DataLoader batch {user_batch}; Ray: {ray}.".format(
-                 batch=meta["batch"], user_batch=meta.get("user_batch", meta["batch"]), ray="local" if meta.get("nodes", 1) <= 1
+                 batch=meta.get("vitpipe_batch") or "default (32 CPU, 256 GPU)", user_batch=meta.get("user_batch", meta["batch"]), ray="local" if meta.get("nodes", 1) <= 1
                  else f"ray.cluster_utils.Cluster, {meta['nodes']} nodes splitting the CPUs"), "",
              "| approach | model | precision | images | s | images/s | vs engine (b/a) | vitpipe / this | "
              "peak RSS MB | CPU util | " + ("GPU util | " if gpu else "") + "first row s | images/s after it | "
@@ -555,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where every approach runs its model: auto = cuda when torch sees a GPU [auto]")
     p.add_argument("--batch", type=int, default=None,
-                   help="vitpipe's engine.batch_size, whose 1/4, 1/2 and whole its actors time; (a) reports the "
-                        "best of the same sizes [64 on CPU, 256 on a GPU]")
+                   help="vitpipe's engine.batch_size (images per engine call) [vitpipe's default: 32 on CPU, 256 "
+                        "on a GPU]; (a) times 1/4, 1/2 and all of it (of 64 / 256 when not given) and reports the best")
     p.add_argument("--user-batch", type=int, default=None,
                    help="the batch size of the recipe and the DataLoader script, as their authors would pick "
                         "[32 on CPU, 128 on a GPU]")
@@ -575,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = args.device == "cuda"
+    vitpipe_batch = args.vitpipe_batch = args.batch  # None: vitpipe's own default
     args.batch = args.batch or (256 if gpu else 64)
     args.user_batch = args.user_batch or (128 if gpu else 32)
 
@@ -612,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                         dev = args.device
                         steps = [("a", bench_engine, (ckpt, prec, os.cpu_count() or 1, args.batch, args.engine_seconds,
                                                       dev)),
-                                 ("b", bench_vitpipe, (fs, src, arch, prec, args.batch, tag, dev, tuple(args.set))),
+                                 ("b", bench_vitpipe, (fs, src, arch, prec, vitpipe_batch, tag, dev, tuple(args.set))),
                                  ("c", bench_recipe, (fs, src, arch, prec, args.user_batch, tag, False, dev)),
                                  ("c", bench_recipe, (fs, src, arch, prec, args.user_batch, tag + "-eng", True, dev)),
                                  ("d", bench_dataloader, (fs, src, ckpt, prec, args.user_batch, tag, dev))]
@@ -686,6 +713,7 @@ def _warm_ray_data() -> None:
 
 def write_results(args: argparse.Namespace, results: list[Result]) -> str:
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "images": args.images, "batch": args.batch,
+            "vitpipe_batch": getattr(args, "vitpipe_batch", None),
             "user_batch": args.user_batch,
             "nodes": args.nodes,
             "device": args.device,

@@ -15,11 +15,11 @@ from pipeline.config import JobSpecError, describe_spec, load_job_spec
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.runner import run_job
-
     spec = _spec_for_cli(args)
     if args.no_progress:
         spec.ray.progress = False
+    from pipeline.runner import run_job
+
     report = run_job(spec)
     print(report.summary())
     print(f"\nmanifest: {spec.output.uri.rstrip('/')}/_manifest.json   inspect: vitpipe inspect {spec.output.uri}")
@@ -27,9 +27,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    spec = _spec_for_cli(args)
     from pipeline.runner import compile_job
 
-    spec = _spec_for_cli(args)
     result = compile_job(spec)
     print(f"engine   {result['backend']} ({result['reason']})")
     print(f"model    {result['model_source']} id {result['model_id'][:12]}")
@@ -45,9 +45,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _spec_for_cli(args: argparse.Namespace):
+    """The job spec with the command line's overrides; for a local run, Ray's local settings are
+    put in place before anything imports ray (cluster.py)."""
     spec = load_job_spec(args.job, args.set)
     if getattr(args, "address", None) and args.command in ("run", "compile"):
         spec.ray.address = args.address
+    if getattr(args, "verbose", False):
+        spec.ray.verbose = True
+    if not spec.ray.address:
+        from pipeline.cluster import local_environment
+
+        local_environment()
     return spec
 
 
@@ -142,6 +150,9 @@ def cmd_errors(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.cluster import local_environment
+
+    local_environment()  # before anything imports ray: the demo's Ray is local, on loopback
     from pipeline.config import JobSpec
     from pipeline.demo import digit_jpegs, write_shards
     from pipeline.runner import run_job
@@ -247,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog="Job spec fields (section.key: meaning [default]):\n" + describe_spec())
     _job_args(run, "an existing Ray cluster (default: start a local one on 127.0.0.1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    run.add_argument("--verbose", action="store_true", help="also show Ray's own log lines and worker output")
     run.set_defaults(fn=cmd_run)
 
     comp = sub.add_parser("compile", help="build and cache a job's engine ahead of a run, and print the accuracy gate",

@@ -97,9 +97,10 @@ class EngineSpec(Spec):
                             "then gated like the others.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor has a GPU, else cpu.")
     batch_size: int | None = Field(
-        None, ge=1, le=4096, description="Images per engine call (and TensorRT's max batch); default 32 on a CPU, "
-                                         "256 on a GPU. Fixed for the run: nothing is tuned on the job's first "
-                                         "images, so they are as fast as the rest.")
+        None, ge=1, le=4096, description="Images per engine call (and TensorRT's max batch); default 256 on a "
+                                         "GPU, and on a CPU what keeps a call's activations near 40 MB (ViT-Ti/16 "
+                                         "at 224 px: 32; ViT-B/16: 16; the demo model: 256). Fixed for the run: "
+                                         "nothing is tuned on the job's first images, so they are as fast as the rest.")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Where JPEGs are decoded when the model runs on a GPU. gpu: batched nvJPEG in the "
                             "model actor (needs torchvision on the GPU nodes), other formats and what nvJPEG "
@@ -143,16 +144,20 @@ class ResourcesSpec(Spec):
     actors: int | None = Field(None, ge=1, description="Model actors; default: as many as the cluster's CPUs/GPUs allow.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each model actor reserves (and torch threads it uses).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each model actor reserves.")
-    read_cpus: float = Field(0.25, gt=0, description="CPUs each read actor reserves (reads are I/O-bound).")
+    read_cpus: float = Field(
+        0.0, ge=0, description="CPUs each read actor reserves. 0: reads are I/O-bound and a part costs far less to "
+                               "read than to decode and run; with a share reserved, two readers placed on one node "
+                               "left its model actor no room (seen on a 3-node cluster).")
     readers: int | None = Field(
         None, ge=1, validation_alias=AliasChoices("readers", "max_shards_in_flight"),
-        description="Read actors (each reads one shard at a time); default two per model actor, and on a "
-                    "cluster with GPUs at least one per three decode actors. (Also accepted under its "
-                    "old name, max_shards_in_flight.)")
+        description="Read actors (each reads one shard at a time, a part ahead); default one per model actor "
+                    "on CPUs, four per GPU actor decoding on its GPU, and one per three decode actors with "
+                    "decode: cpu. (Also accepted under its old name, max_shards_in_flight.)")
     decode_actors: int | None = Field(
-        None, ge=0, description="Decode actors (1 CPU each) between the readers and the model actors. Default: on a "
-                                "cluster with GPUs, the CPUs the model and read actors leave free; on CPUs only, 0 "
-                                "(decoding runs inside each model actor, on its threads).")
+        None, ge=0, description="Decode actors (1 CPU each) between the readers and the model actors. Default: 0 "
+                                "(decoding runs inside each model actor: on its GPU with engine.decode gpu, else on "
+                                "its threads); with GPUs and engine.decode cpu, the CPUs the model and read actors "
+                                "leave free.")
     buffer_mb_per_actor: int = Field(
         512, ge=16, description="Object-store memory the run may hold in flight (shards read ahead, results not "
                                 "yet written), per model actor: keeps memory flat however large the input.")
@@ -161,6 +166,8 @@ class ResourcesSpec(Spec):
 class RayOptions(Spec):
     address: str | None = Field(None, description="An existing cluster (ray://... or auto); default: a local Ray.")
     progress: bool = Field(True, description="Show progress while running.")
+    verbose: bool = Field(False, description="Show Ray's own log lines and worker output (quiet by default: "
+                                             "only vitpipe's progress bar, report and errors).")
     stall_timeout_s: float = Field(1800.0, gt=0, description="Fail loudly if no row arrives for this long "
                                                               "(a stuck read or model call), instead of hanging.")
 

@@ -37,7 +37,8 @@ class RunReport:
     embedding_dim: int
     labeled: int
     top1_accuracy: float | None
-    time_to_start_s: float | None = None  # spec to the dataset's start: model, listing, lease, Ray
+    started_at: float = 0.0  # unix time the run began (run_job's call); the times above count from it
+    time_to_start_s: float | None = None  # to the dataset's start: model, listing, lease, Ray, the gate
     time_to_full_speed_s: float | None = None
     decoder: str = ""  # where images were decoded
     decoded_gpu: int = 0

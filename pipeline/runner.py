@@ -15,43 +15,41 @@ while another thread loads the model, lists the shards and takes the output's le
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import numpy as np
 import ray
 from tqdm import tqdm
 
-from pipeline import gate
+from pipeline.cluster import connect
 from pipeline.config import JobSpec
-from pipeline.decode import Decoder, Preprocess
-from pipeline.model.checkpoints import Checkpoint, load_model
 from pipeline.plan import Plan, plan_resources
-from pipeline.predict import Predictor
 from pipeline.report import RunReport, full_speed_at
 from pipeline.sink import ParquetSink, versions
 from pipeline.sources import Shard, ShardReader, list_shards
 
+if TYPE_CHECKING:  # torch comes with these: imported where used, in the thread that loads the model
+    import numpy as np
+
+    from pipeline.decode import Preprocess
+    from pipeline.model.checkpoints import Checkpoint
+
 
 def init_ray(spec: JobSpec) -> None:
-    """A local Ray bound to loopback with no dashboard, unless an address is given."""
-    if ray.is_initialized():
-        return
-    if spec.ray.address:
-        ray.init(address=spec.ray.address, logging_level=logging.WARNING, log_to_driver=True)
-    else:
-        # address="local": always a new local Ray, never silently joining one started by `ray start`.
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING)
+    """A local Ray on loopback without the services it has no use for, unless an address is given."""
+    connect(spec.ray.address, spec.ray.verbose)
 
 
 def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str | None, preprocess: Preprocess,
                   writer: dict, calibration: np.ndarray | None = None,
                   gate_images: np.ndarray | None = None) -> ray.data.Dataset:
     """read -> [decode] -> predict + write, one part per row from the readers on."""
+    from pipeline.decode import Decoder
+    from pipeline.predict import Predictor
+
     items = [{"shard": json.dumps(s.to_dict())} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     readers = plan.read_actors(len(shards))
@@ -71,8 +69,11 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str |
                                "calibration": None if calibration is None else ray.put(calibration),
                                "gate_images": None if gate_images is None else ray.put(gate_images)},
         # min 1, not a fixed size: when a node dies and its actor cannot be placed again, the run goes on
-        # with the actors that remain instead of waiting for the lost capacity forever.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
+        # with the actors that remain instead of waiting for the lost capacity forever. Two parts in
+        # flight per actor (one running, the next one ready): a part is a large unit, and Ray's
+        # default of four let the first actor to start take the first parts of a short job alone.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors,
+                                           max_tasks_in_flight_per_actor=2),
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )
 
@@ -88,11 +89,14 @@ def check_uris(spec: JobSpec) -> None:
 
 def compile_job(spec: JobSpec) -> dict:
     """`vitpipe compile`: build and cache the job's engine where its actors would run, and gate it."""
+    from pipeline import gate
+    from pipeline.model.checkpoints import load_model
+
     check_uris(spec)
     ckpt = load_model(spec.model)
     shards = list_shards(spec.source)
     init_ray(spec)
-    plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], ckpt.config)
     result, _ = gate.prepare(spec, ckpt, shards, plan)
     return result | {"model_id": ckpt.model_id, "model_source": ckpt.source}
 
@@ -133,7 +137,7 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
             threads_per_actor=plan.threads if plan else 0, decode_actors=plan.decoders if plan else 0,
             embedding_dim=ckpt.config.dim, labeled=c.labeled,
             top1_accuracy=round(c.correct / c.labeled, 4) if c.labeled else None,
-            time_to_start_s=timing.get("start"), time_to_full_speed_s=full_speed_at(c.timeline, t0),
+            started_at=round(t0, 3), time_to_start_s=timing.get("start"), time_to_full_speed_s=full_speed_at(c.timeline, t0),
             decoder=_decoder(plan, c), decoded_gpu=c.decoded_gpu, fallback_cpu=c.fallback_cpu,
             bad_shards=dict(c.bad_shards), parts_by_node=dict(sink.nodes),
         )
@@ -154,7 +158,10 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
 
 
 def _prepare(spec: JobSpec, ckpt: Checkpoint | None, run_id: str):
-    """The model, the shards, and the output's sink with its lease taken and its work planned."""
+    """The model, the shards, and the output's sink with its lease taken and its work planned.
+    Runs beside Ray's start-up: torch is first imported here."""
+    from pipeline.model.checkpoints import load_model
+
     ckpt = ckpt or load_model(spec.model)
     shards = list_shards(spec.source)
     sink = ParquetSink(spec.output, run_id, ckpt.model_id)
@@ -178,6 +185,8 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
 
     The gate's and the int8/fp8 calibration's images come from the first *listed* shards, not the
     first shards to do (gate.py)."""
+    from pipeline import gate
+
     if not todo:
         return {"backend": spec.engine.backend, "reason": "no shard needed processing", "cache": "",
                 "gate": None}, None, {}
@@ -188,7 +197,7 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     # a stage's own exception, not Ray Data's UserCodeException around it: a model actor's GateError
     # then reaches this driver as one (below), with its figures
     ctx.raise_original_map_exception = True
-    plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], ckpt.config)
     # Without a cap, Ray Data lets reads run ahead into half the object store: at 20,000 images the
     # benchmark's peak memory was 45% above the 2,000-image run; with it, memory stays flat.
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(

@@ -405,13 +405,32 @@ def test_the_plan_decodes_on_the_gpu_or_gives_it_decode_actors_and_fits_every_ac
     p = plan_resources(spec({"decode": "cpu"}), [gpu_node, gpu_node, cpu_node])  # 34 = 2 + 29 + 10 x 0.25
     assert (p.actors, p.decoders, p.read_actors(100)) == (2, 29, 10)
     assert plan_resources(spec(decode_actors=3), [gpu_node]).decoders == 3
-    # CPUs only: decoding inside the model actors, which leave each node's two readers their share
+    # CPUs only: decoding inside the model actors; a reader per actor, reserving nothing by default
     p = plan_resources(spec(), [cpu_node, cpu_node])
-    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor, p.decoders, p.call_size) == (2, 0.0, 1.5, 0, 32)
-    assert p.read_actors(shards=100) == 4 and p.buffer_mb(512) == 1024
-    assert p.actors * p.cpus_per_actor + p.readers * p.read_cpus <= 4.0  # every actor fits at once
+    assert (p.actors, p.gpus_per_actor, p.cpus_per_actor, p.decoders, p.call_size) == (2, 0.0, 2.0, 0, 32)
+    assert p.read_actors(shards=100) == 2 and p.read_cpus == 0 and p.buffer_mb(512) == 1024
     p = plan_resources(spec(decode_actors=2), [{"CPU": 4.0}, {"CPU": 4.0}])  # asked for: CPUs come off the actors
-    assert (p.actors, p.cpus_per_actor, p.decoders) == (2, 2.5, 2)
+    assert (p.actors, p.cpus_per_actor, p.decoders) == (2, 3.0, 2)
+    # readers that reserve CPUs: each node keeps room for its share, so every actor fits at once
+    p = plan_resources(spec(readers=4, read_cpus=0.25), [cpu_node, cpu_node])
+    assert (p.readers, p.cpus_per_actor, p.threads) == (4, 1.5, 2)
+    assert p.actors * p.cpus_per_actor + p.readers * p.read_cpus <= 4.0
     assert plan_resources(spec({"batch_size": 48}), [cpu_node]).call_size == 48
     with pytest.raises(ValueError, match="decode gpu: the cluster has no GPU"):
         plan_resources(spec({"decode": "gpu"}), [cpu_node])
+
+
+def test_the_cpu_call_size_keeps_activations_cache_sized():
+    """No tuning on the job's first images: the call size follows from the model's shape."""
+    from pipeline.config import JobSpec
+    from pipeline.model.checkpoints import load_checkpoint
+    from pipeline.model.vit import config_for_arch
+    from pipeline.plan import call_size
+
+    spec = JobSpec.model_validate({"source": {"uri": "/in"}, "output": {"uri": "/out"}})
+    assert call_size(spec, False, config_for_arch("vit_ti_16")) == 32  # measured best on the 2-core box
+    assert call_size(spec, False, config_for_arch("vit_b_16")) == 16
+    assert call_size(spec, False, load_checkpoint("builtin:digits").config) == 256  # 817 images/s vs 447 at 32
+    assert call_size(spec, True, config_for_arch("vit_b_16")) == 256
+    asked = JobSpec.model_validate({"source": {"uri": "/in"}, "output": {"uri": "/out"}, "engine": {"batch_size": 8}})
+    assert call_size(asked, False, config_for_arch("vit_ti_16")) == 8

@@ -302,3 +302,69 @@ def test_a_timm_file_labels_real_images_through_a_job_spec(ray_cluster, tmp_path
     assert report.top1_accuracy > 0.8  # timm's default crop preprocessing, not the demo's squash: a little lower
     names = pl.read_parquet(str(tmp_path / "out" / "part-*.parquet"))["topk_labels"].list.first().unique().to_list()
     assert set(names) <= set(LABELS)
+
+
+def test_parts_are_written_by_the_actors_and_the_driver_only_counts_them(ray_cluster, s3, monkeypatch):
+    """Shards cut into parts of 16: each part is one file written by the model actor that made its
+    rows, on either node; the driver receives one small record per part, never a row."""
+    import pipeline.sink as sink
+
+    bucket = "vitpipe-parts"
+    s3.mkdir(bucket)
+    write_shards(digit_jpegs("test")[:90], f"s3://{bucket}/in", n_shards=2)  # 45 records each: 3 parts
+    received: list[int] = []
+    add = sink.ParquetSink.add
+    monkeypatch.setattr(sink.ParquetSink, "add", lambda self, r: (received.append(len(json.dumps(r))), add(self, r)))
+    report = run_job(_spec(f"s3://{bucket}/in", f"s3://{bucket}/out", source={"records_per_part": 16}))
+    assert report.records_read == report.ok_rows == 90
+    assert len(received) == 6 and max(received) < 2000  # 6 parts; 90 rows of 96 floats would be > 60 KB
+    assert sum(report.parts_by_node.values()) == 6 and len(report.parts_by_node) == 2  # both nodes wrote
+    s3.invalidate_cache()
+    manifest = json.loads(s3.cat(f"{bucket}/out/_manifest.json"))
+    assert sorted(f["rows"] for f in manifest["files"]) == [13, 13, 16, 16, 16, 16]
+    keys = _duck(s3).sql(f"SELECT key FROM read_parquet('s3://{bucket}/out/part-*.parquet')").fetchall()
+    assert len(keys) == 90 and len({k[0] for k in keys}) == 90
+
+
+def test_a_cut_or_unreadable_shard_is_an_error_row_and_the_job_goes_on(ray_cluster, s3):
+    """Beside good shards: a tar cut in the middle of a member (an upload in progress), random bytes
+    named .tar and a zero-byte .tar. The records before each fault stay ok rows, each fault is one
+    error row naming the shard and the fix, the report counts the bad shards, and the ledger keeps
+    the shard as cut short; once it is rewritten (new ETag) the next incremental run reads it again."""
+    bucket = "vitpipe-faults"
+    s3.mkdir(bucket)
+    good = digit_jpegs("test")[:60]
+    write_shards(good[:40], f"s3://{bucket}/in", n_shards=2, prefix="good")
+    whole = tar_bytes([(f"cut-{i}.jpg", data) for i, (data, _) in enumerate(good[40:50])])
+    cut_at = whole.index(b"cut-7.jpg") + 512 + 100  # 100 bytes into the 8th member's data
+    s3.pipe(f"{bucket}/in/cut.tar", whole[:cut_at])
+    s3.pipe(f"{bucket}/in/random.tar", bytes(range(256)) * 20)
+    s3.pipe(f"{bucket}/in/empty.tar", b"")
+    s3.invalidate_cache()
+    spec = _spec(f"s3://{bucket}/in", f"s3://{bucket}/out", output={"mode": "incremental"})
+    report = run_job(spec)
+    assert report.bad_shards == {"TruncatedShard": 1, "UnreadableShard": 2}
+    assert report.ok_rows == 40 + 7 and report.records_read == report.ok_rows + report.error_rows == 50
+    con = _duck(s3)
+    errs = con.sql(f"SELECT key, error_stage, error_type, error_message FROM "
+                   f"'s3://{bucket}/out/errors/part-*.parquet' ORDER BY key").fetchall()
+    assert [(k.rsplit("/", 1)[1], stage, t) for k, stage, t, _ in errs] == [
+        ("cut.tar#shard", "read", "TruncatedShard"), ("empty.tar#shard", "read", "UnreadableShard"),
+        ("random.tar#shard", "read", "UnreadableShard")]
+    assert "after member 'cut-6.jpg'" in errs[0][3] and "rewrite the shard" in errs[0][3]
+    cut_keys = con.sql(f"SELECT key FROM 's3://{bucket}/out/part-*.parquet' WHERE key LIKE 'cut-%'").fetchall()
+    assert sorted(k[0] for k in cut_keys) == [f"cut-{i}" for i in range(7)]
+    s3.invalidate_cache()
+    ledger = [json.loads(s3.cat(p)) for p in s3.glob(f"{bucket}/out/_ledger/*.json")]
+    assert sorted(e["fault"] or "" for e in ledger) == ["", "", "TruncatedShard", "UnreadableShard",
+                                                        "UnreadableShard"]
+    # the upload finishes: the shard is whole now (a new ETag), and only it is read again
+    s3.pipe(f"{bucket}/in/cut.tar", whole)
+    s3.invalidate_cache()
+    again = run_job(spec)
+    assert (again.shards_processed, again.shards_unchanged) == (1, 4) and again.bad_shards == {}
+    assert again.ok_rows == 10
+    keys = con.sql(f"SELECT key FROM 's3://{bucket}/out/part-*.parquet' WHERE key LIKE 'cut-%'").fetchall()
+    assert sorted(k[0] for k in keys) == [f"cut-{i}" for i in range(10)]
+    manifest = json.loads(s3.cat(f"{bucket}/out/_manifest.json"))
+    assert manifest["totals"]["ok"] == 50 and manifest["totals"]["errors"] == 2

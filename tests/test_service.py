@@ -3,6 +3,7 @@ node loss, Ray Jobs submission, schedules, run history and error retries. Real S
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -325,3 +326,83 @@ def test_runs_history_errors_summary_and_retry_spec(ray_cluster, tmp_path):
     retried = [r[0] for r in duckdb.sql(f"SELECT key FROM '{tmp_path}/out-retry/errors/*.parquet'").fetchall()]
     assert sorted(retried) == sorted(expected_errors)
     assert again.ok_rows == 1  # 'dup': the kept first sample shares its key with the failed duplicate
+
+
+THREE_NODES = """
+import json, os, sys
+import ray
+from ray.cluster_utils import Cluster
+from pipeline.config import JobSpec
+from pipeline.runner import run_job
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+for _ in range(2):
+    cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address, logging_level="WARNING")
+cluster.wait_for_nodes()
+report = run_job(JobSpec.model_validate(json.loads(sys.argv[1])))
+node_ids = [n["NodeID"][:8] for n in ray.nodes()]
+print(json.dumps({"records": report.records_read, "ok": report.ok_rows, "nodes": report.parts_by_node,
+                  "actors": report.actors, "node_ids": node_ids}), flush=True)
+os._exit(0)
+"""
+
+
+def test_on_three_nodes_the_model_actors_write_the_part_files(s3_server, tmp_path):
+    """A 3-node ray.cluster_utils.Cluster: a model actor per node, each writing the part files of the
+    rows it made (the report counts them by the node that wrote them: cluster nodes, not the
+    driver's process); the output is exact. Whether the last actor to start gets a part before a
+    short job ends depends on this host's speed, so at least two nodes are asked for here; the
+    benchmark's 3-node run (benchmarks/dataplane.py) shows all three."""
+    write_shards(digit_jpegs("test")[:240], str(tmp_path / "in"), n_shards=4)
+    spec = _spec(str(tmp_path / "in"), str(tmp_path / "out"), source={"records_per_part": 20})
+    script = tmp_path / "three.py"
+    script.write_text(THREE_NODES)
+    r = subprocess.run([sys.executable, str(script), spec.model_dump_json()], capture_output=True, text=True,
+                       timeout=420, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["records"] == result["ok"] == 240 and result["actors"] == 3
+    assert sum(result["nodes"].values()) == 12, result["nodes"]  # 4 shards x 3 parts
+    assert len(result["nodes"]) >= 2 and {n.split(":")[1] for n in result["nodes"]} <= set(result["node_ids"])
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert len([f for f in manifest["files"] if f["kind"] == "ok"]) == 12
+    keys = duckdb.sql(f"SELECT key FROM '{tmp_path / 'out'}/part-*.parquet'").fetchall()
+    assert len(keys) == 240 and len({k[0] for k in keys}) == 240
+
+
+def _listening(pids: set[int]) -> set[tuple[str, int, str]]:
+    import psutil
+
+    out = set()
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            out.add((c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()))
+    return out
+
+
+def test_a_local_run_listens_on_loopback_only_and_shows_only_its_own_lines(tmp_path):
+    """`vitpipe run` on a laptop: every socket of every Ray process it starts (GCS, raylet, agents,
+    workers, the driver) is bound to loopback, sampled while the job runs; and stderr holds our
+    progress and report, none of Ray's own lines."""
+    import psutil
+
+    write_shards(digit_jpegs("test")[:300], str(tmp_path / "in"), n_shards=3)
+    job = _write_job(tmp_path, _spec(str(tmp_path / "in"), str(tmp_path / "out"), output={"mode": "full"},
+                                     ray={"progress": True}))
+    run = _vitpipe(["run", str(job)])
+    seen: set[tuple[str, int, str]] = set()
+    root = psutil.Process(run.pid)
+    while run.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            seen |= _listening({root.pid, *(p.pid for p in root.children(recursive=True))})
+        time.sleep(0.3)
+    stdout, stderr = run.communicate()
+    assert run.returncode == 0, stderr[-3000:]
+    names = {name for _, _, name in seen}
+    assert {"gcs_server", "raylet"} <= names, seen  # it did see Ray's servers listening
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip, _, _ in seen), sorted(seen)
+    assert "records read   300" in stdout
+    for noise in ("Token authentication", "core_worker", "Progress bars disabled", "INFO", "WARNING"):
+        assert noise not in stderr, stderr[-2000:]
+    assert "img" in stderr and "shards=3/3" in stderr  # our progress bar
