@@ -6,7 +6,7 @@ costs ~6.7 CPU-ms per image (measured on the H200 box), so 16 CPUs feed ~2,000 i
 at best. nvJPEG through torchvision (`decode_jpeg` on a list, device="cuda") moves that work
 to the GPU; the CPU keeps only the header parse that decides which records go there.
 
-What goes to the GPU: baseline JPEGs in RGB/YCbCr or grayscale, within the pixel limit.
+What goes to the GPU: whole baseline JPEGs in RGB/YCbCr or grayscale, within the pixel limit.
 Everything else (PNG, WebP, CMYK or progressive JPEGs, anything nvJPEG refuses) is decoded
 by the CPU path, record by record, so that every failure becomes the same error row it
 would be on a CPU node. EXIF orientation is read from the header and applied on the device.
@@ -56,7 +56,10 @@ class Header:
 
 
 def gpu_header(data: bytes, max_pixels: int = MAX_PIXELS) -> Header | None:
-    """The header of a JPEG the GPU can decode as the CPU path would, else None (CPU path)."""
+    """The header of a JPEG the GPU can decode as the CPU path would, else None (CPU path).
+    A JPEG without its end marker (cut short) goes to the CPU path, which names the error."""
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
     try:
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         w, h = img.size

@@ -253,3 +253,10 @@ def test_the_gpu_resize_matches_the_cpu_path_to_embedding_cosine_0999(pre):
     b, _ = engine.run(gpu)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() >= 0.999, cos
+
+
+def test_a_cut_jpeg_is_left_to_the_cpu_path():
+    from pipeline.decode_gpu import gpu_header
+
+    whole = image_bytes(64, 48)
+    assert gpu_header(whole) is not None and gpu_header(whole[:-100]) is None

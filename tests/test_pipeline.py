@@ -318,7 +318,11 @@ def test_parts_are_written_by_the_actors_and_the_driver_only_counts_them(ray_clu
     report = run_job(_spec(f"s3://{bucket}/in", f"s3://{bucket}/out", source={"records_per_part": 16}))
     assert report.records_read == report.ok_rows == 90
     assert len(received) == 6 and max(received) < 2000  # 6 parts; 90 rows of 96 floats would be > 60 KB
-    assert sum(report.parts_by_node.values()) == 6 and len(report.parts_by_node) == 2  # both nodes wrote
+    import ray
+
+    nodes = {n["NodeID"][:8] for n in ray.nodes()}
+    assert sum(report.parts_by_node.values()) == 6  # each written where it was made, on a cluster node
+    assert {n.split(":")[1] for n in report.parts_by_node} <= nodes
     s3.invalidate_cache()
     manifest = json.loads(s3.cat(f"{bucket}/out/_manifest.json"))
     assert sorted(f["rows"] for f in manifest["files"]) == [13, 13, 16, 16, 16, 16]
