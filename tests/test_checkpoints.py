@@ -248,3 +248,40 @@ def test_hf_uris_load_timm_and_transformers_repos_from_the_hub_cache(tmp_path, h
         load_checkpoint("hf://acme/missing")
     with pytest.raises(CheckpointError, match="expected hf://ORG/NAME"):
         load_checkpoint("hf://just-a-name")
+
+
+@pytest.mark.parametrize("pooling", ["cls", "gap"])
+def test_labels_come_from_the_head_as_trained_whatever_the_embedding_pools(tmp_path, hf, pooling):
+    """A transformers ViT (its head trained on the class token) with model.pooling cls or gap: the
+    embedding is what was asked for (transformers' class token, or its mean of patch tokens), and the
+    logits are transformers' logits either way."""
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt = load_checkpoint(str(tmp_path / "hf"), pooling=pooling)
+    ours = ckpt.build()
+    x = torch.randn(12, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = hf(pixel_values=x, output_hidden_states=True)
+        tokens = hf.vit.layernorm(out.hidden_states[-1])  # (B, 1+N, D) after the final norm
+        emb, logits = ours(x)
+    want = tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(dim=1)
+    assert (emb - want).abs().max().item() < 1e-4
+    assert (logits - out.logits).abs().max().item() < 1e-4
+    assert (logits.argmax(1) == out.logits.argmax(1)).all()
+    if pooling == "gap":  # another embedding is another model id; the head's input is recorded with it
+        assert ckpt.config.head_pooling == "cls" and ckpt.model_id != load_checkpoint(str(tmp_path / "hf")).model_id
+
+
+def test_a_timm_avg_pool_model_keeps_its_fc_norm_head_when_the_embedding_is_the_class_token(tmp_path, hf):
+    sd = timm_state_dict(hf)
+    sd["fc_norm.weight"], sd["fc_norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")  # timm's avg-pool layout
+    sd["norm.weight"], sd["norm.bias"] = torch.empty(0), torch.empty(0)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "avg.safetensors"))
+    gap = load_checkpoint(str(tmp_path / "avg.safetensors"), heads=HEADS)
+    cls = load_checkpoint(str(tmp_path / "avg.safetensors"), heads=HEADS, pooling="cls")
+    assert gap.config.pooling == "gap" and gap.config.fc_norm and cls.config.head_pooling == "gap"
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        emb_gap, logits_gap = gap.build()(x)
+        emb_cls, logits_cls = cls.build()(x)
+    assert (logits_cls - logits_gap).abs().max().item() < 1e-5  # the same head input: fc_norm(mean of patches)
+    assert (emb_cls - emb_gap).abs().max().item() > 1e-2  # but another embedding

@@ -47,7 +47,8 @@ class Checkpoint:
     def model_id(self) -> str:
         """sha256 over weights + arch + preprocessing: what caches and provenance key on."""
         h = hashlib.sha256()
-        h.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        config = {k: v for k, v in self.config.to_dict().items() if not (k == "head_pooling" and v is None)}
+        h.update(json.dumps(config, sort_keys=True).encode())  # (ids from before head_pooling stay the same)
         h.update(json.dumps(self.preprocess.to_dict(), sort_keys=True).encode())
         for name in sorted(self.state_dict):
             t = self.state_dict[name].detach().contiguous().cpu()
@@ -103,8 +104,8 @@ def load_checkpoint(uri: str | None, arch: str | None = None, pooling: str | Non
                                   std=tuple(std or ckpt.preprocess.std))
     if labels:
         ckpt.labels = list(labels)
-    if pooling and pooling != ckpt.config.pooling:
-        ckpt.config = replace(ckpt.config, pooling=pooling)
+    if pooling and pooling != ckpt.config.pooling:  # the embedding changes; the head keeps its input
+        ckpt.config = replace(ckpt.config, pooling=pooling, head_pooling=ckpt.config.head_pooling or ckpt.config.pooling)
     if image_size and image_size != ckpt.preprocess.image_size:
         # Position embeddings are interpolated at run time (ViT._pos_embed_for).
         ckpt.preprocess = replace(ckpt.preprocess, image_size=image_size)

@@ -27,7 +27,11 @@ class ViTConfig:
     heads: int = 3
     mlp_dim: int = 768
     num_classes: int = 1000
-    pooling: Literal["cls", "gap"] = "cls"
+    pooling: Literal["cls", "gap"] = "cls"  # what the embedding is
+    # what the head was trained on (the checkpoint's pooling); None: the same as `pooling`. The
+    # head always sees it, whatever the embedding is: a class-token head fed a patch mean agreed
+    # with transformers on 1 of 12 labels.
+    head_pooling: Literal["cls", "gap"] | None = None
     qkv_bias: bool = True
     # timm and the JAX originals use 1e-6; Hugging Face ViT uses 1e-12.
     layer_norm_eps: float = 1e-6
@@ -151,17 +155,21 @@ class ViT(nn.Module):
             x = self.norm(x)
         return (x, maps) if return_attn else x
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pool(self, tokens: torch.Tensor, how: str | None = None) -> torch.Tensor:
         """(B, 1+N, D) -> (B, D): the class token, or the mean of the patch tokens."""
-        if self.cfg.pooling == "cls":
+        if (how or self.cfg.pooling) == "cls":
             return tokens[:, 0]
         pooled = tokens[:, 1:].mean(dim=1)
         return self.norm(pooled) if self.cfg.fc_norm else pooled
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized pixels (B, 3, H, W) -> (embedding (B, D), logits (B, C))."""
-        emb = self.pool(self.forward_features(x))  # (B, D)
-        return emb, self.head(emb)
+        """Normalized pixels (B, 3, H, W) -> (embedding (B, D), logits (B, C)).
+
+        The embedding is pooled as `pooling` asks; the head gets what it was trained on."""
+        tokens = self.forward_features(x)  # (B, 1+N, D)
+        emb = self.pool(tokens)  # (B, D)
+        trained = self.cfg.head_pooling or self.cfg.pooling
+        return emb, self.head(emb if trained == self.cfg.pooling else self.pool(tokens, trained))
 
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One (B, heads, 1+N, 1+N) map per block, for analysis (slower than forward)."""
