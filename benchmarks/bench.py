@@ -63,8 +63,9 @@ class Result:
 class Monitor:
     """Samples memory (PSS) of this process and all its descendants (Ray workers too), and CPU use."""
 
-    def __init__(self, interval: float = 1.0):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    def __init__(self, interval: float = 1.0, memory: bool = True):
+        """memory: sample PSS too (it reads every process's smaps: ~10x the cost of the CPU sample)."""
+        self.interval, self.peak, self._stop, self.memory = interval, 0, threading.Event(), memory
         self.proc = psutil.Process()
         self.driver = self.proc.pid  # the process named "driver" (a subprocess, where one runs the job)
         self.node_of: dict[int, int] = {}  # process pid -> the pid of its node's raylet
@@ -87,7 +88,7 @@ class Monitor:
                 procs = [self.proc, *self.proc.children(recursive=True)]
             except psutil.Error:
                 procs = [self.proc]
-            for p in procs:
+            for p in procs if self.memory else ():
                 # PSS: shared pages (Ray's object store, torch libs) counted once across processes.
                 with contextlib.suppress(psutil.Error):
                     rss += p.memory_full_info().pss
@@ -196,7 +197,7 @@ def _role(p: psutil.Process, driver: int) -> str:
 # What each role is, for CPU-ms per image by kind of work (DESIGN.md, Data flow)
 MODEL_ROLES = ("Predictor", "RecipeModel", "Model", "model")
 READ_ROLES = ("ShardReader", "ReadWebDataset", "ReadFiles", "reader")
-DECODE_ROLES = ("Decoder", "recipe_decode", "decode", "loader workers")
+DECODE_ROLES = ("Decoder", "recipe_decode", "decode", "loader workers", "pt_data_worker")
 
 
 def role_kind(role: str) -> str:

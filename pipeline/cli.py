@@ -96,11 +96,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from pipeline.service import cron_line, install_cron
+    from pipeline.service import cron_line, install_cron, next_runs
 
     load_job_spec(args.job, [])  # a bad spec fails now, not at 2 a.m.
     line = cron_line(args.job, args.cron, args.log_dir)
     print(line)
+    when = ", ".join(t.strftime("%a %Y-%m-%d %H:%M") for t in next_runs(args.cron))
+    print(f"next runs (this machine's time): {when}", file=sys.stderr)
     if args.install:
         install_cron(line)
         print("installed in this user's crontab", file=sys.stderr)
@@ -202,8 +204,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{'committed (_SUCCESS present)' if done else 'NOT committed (_SUCCESS missing)'}")
     print(f"model {manifest['model']['source']} id {manifest['model']['id'][:12]}, engine {manifest['engine']}")
     print(f"counts {json.dumps(manifest['counts'])}")
-    for f in manifest["files"]:
-        print(f"  {f['path']:<48} {f['kind']:<6} {f['rows']:>9} rows {f['bytes'] / 1e6:>8.2f} MB  sha256 {f['sha256'][:12]}")
+    print(files_summary(manifest["files"]))
+    shown = manifest["files"] if args.all_files else manifest["files"][:5]
+    for f in shown:
+        print(f"  {f['path']:<52} {f['kind']:<6} {f['rows']:>9} rows {f['bytes'] / 1e6:>8.2f} MB  sha256 {f['sha256'][:12]}")
+    if len(shown) < len(manifest["files"]):
+        print(f"  ... and {len(manifest['files']) - len(shown)} more (--all-files lists every one)")
     ok = [f for f in manifest["files"] if f["kind"] == "ok"]
     if ok:
         print("schema:")
@@ -213,6 +219,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"  {field.name}: {field.type}")
     _show_rows(args.uri, args.rows)
     return 0
+
+
+def files_summary(files: list[dict]) -> str:
+    """Files, rows and bytes by kind, and the spread of file sizes: what 10,000 lines would not show."""
+    lines = []
+    for kind in ("ok", "errors"):
+        mine = [f for f in files if f["kind"] == kind]
+        if not mine:
+            continue
+        sizes = sorted(f["bytes"] for f in mine)
+        rows = sum(f["rows"] for f in mine)
+        lines.append(f"files  {kind:<6} {len(mine):>7} files {rows:>10} rows {sum(sizes) / 1e6:>10.2f} MB; per file "
+                     f"min {sizes[0] / 1e6:.2f} / median {sizes[len(sizes) // 2] / 1e6:.2f} / max {sizes[-1] / 1e6:.2f} MB")
+    return "\n".join(lines) or "files  none"
 
 
 def _show_rows(uri: str, n: int) -> None:
@@ -290,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(flock makes an overlapping run exit; the output lease refuses a second writer "
                                     "anywhere). For Kubernetes see deploy/cronjob.yaml.")
     sc.add_argument("job", help="path to a job spec YAML file (use output.mode: incremental for nightly runs)")
-    sc.add_argument("--cron", required=True, help="five-field cron expression, e.g. '0 2 * * *'")
+    sc.add_argument("--cron", required=True, help="a crontab schedule: five fields, e.g. '0 2 * * *' or "
+                                                   "'0 2 * * mon', or @daily / @hourly / @weekly")
     sc.add_argument("--log-dir", default="~/.vitpipe/logs", help="where each run's log goes [~/.vitpipe/logs]")
     sc.add_argument("--install", action="store_true", help="add the line to this user's crontab")
     sc.set_defaults(fn=cmd_schedule)
@@ -318,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Show an output dataset's manifest, row counts, schema and a few rows.")
     insp.add_argument("uri", help="the output directory (any fsspec URI)")
     insp.add_argument("--rows", type=int, default=5, help="how many rows to show [5]")
+    insp.add_argument("--all-files", action="store_true", help="list every file, not a summary and the first 5")
     insp.set_defaults(fn=cmd_inspect)
 
     sub.add_parser("bench", help="the side-by-side throughput benchmark (from a source checkout; "
@@ -348,10 +370,30 @@ def main(argv: list[str] | None = None) -> int:
     except JobSpecError as e:
         print(f"vitpipe: {e}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
-        # Spec-level, checkpoint, source and output errors: a message, not a traceback.
+    except (ValueError, RuntimeError, OSError) as e:
+        # Spec, checkpoint, source, output and store errors: their message says what, where and the fix.
         print(f"vitpipe {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"vitpipe {args.command}: interrupted (a run keeps its finished shards for the next one)",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # not a problem vitpipe knows: one line here, the traceback in a file
+        if getattr(args, "verbose", False) or os.environ.get("VITPIPE_TRACEBACK"):
+            raise
+        print(f"vitpipe {args.command}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+              f"  unexpected; the traceback is in {_save_traceback(e)} (VITPIPE_TRACEBACK=1 prints it); "
+              "please report it", file=sys.stderr)
+        return 1
+
+
+def _save_traceback(e: BaseException) -> str:
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="vitpipe-error-", suffix=".txt", delete=False) as f:
+        f.write("".join(traceback.format_exception(e)))
+    return f.name
 
 
 if __name__ == "__main__":

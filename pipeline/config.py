@@ -35,11 +35,22 @@ class SourceSpec(Spec):
     label_column: str | None = Field(None, description="parquet: an optional integer ground-truth label column.")
     key_column: str | None = Field(None, description="parquet: the column with record keys (else file name + row number).")
     images_per_shard: int = Field(256, ge=1, description="images: how many files make one shard.")
+    label_from: Literal["none", "folder"] = Field(
+        "none", description="images: folder takes each image's label from its class folder (CLASS/NAME.JPEG, as "
+                            "ImageNet and torchvision's ImageFolder lay it out), mapped to the model's label names "
+                            "or class indices; names that map to nothing are counted in the report.")
     records_per_part: int = Field(
         1024, ge=1, description="A shard with more records is cut into parts of this many: a part is the unit "
                                 "of work (read, decoded, run and written by one actor) and one Parquet file.")
     only_keys: str | None = Field(None, description="A file (URI) of record keys, one per line: read only those "
                                                     "(what `vitpipe errors --retry-spec` writes).")
+
+    @model_validator(mode="after")
+    def _folder_labels_need_images(self) -> SourceSpec:
+        if self.label_from == "folder" and self.format != "images":
+            raise ValueError("source.label_from folder reads labels from image folders: it needs format images "
+                             "(webdataset shards carry .cls or .json labels; parquet a label_column)")
+        return self
 
 
 class ModelSpec(Spec):

@@ -93,6 +93,45 @@ class LeaseHeld(RuntimeError):
     """Another run holds the output's lease: this one exits before doing any work."""
 
 
+def boot_id() -> str | None:
+    """This boot of this machine (Linux); a lease taken before a reboot belongs to nobody."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def process_started(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, Linux): tells a pid from its reuse."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def holder_gone(held: dict) -> str | None:
+    """Why the run holding a lease is provably gone, or None. Only on this host: its process no
+    longer runs (or its pid belongs to another process now), or the machine rebooted since.
+    On another host nothing is provable from here, and the lease's expiry stands."""
+    if held.get("host") != socket.gethostname() or "pid" not in held:
+        return None
+    if held.get("boot_id") and boot_id() and held["boot_id"] != boot_id():
+        return "this machine has rebooted since it took the lease"
+    pid = int(held["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"its process {pid} on this host is gone"
+    except PermissionError:
+        pass  # alive, another user's
+    started = held.get("pid_started")
+    if started and process_started(pid) not in (None, started):
+        return f"its process {pid} on this host is gone (the pid now belongs to another process)"
+    return None
+
+
 class Lease:
     """Exclusive right to write one output, renewed by a background thread while the run lives."""
 
@@ -100,9 +139,11 @@ class Lease:
         self.fs, self.path, self.run_id, self.ttl = fs, f"{root.rstrip('/')}/_lease.json", run_id, ttl_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.took_over: str | None = None  # whose lease this run took, and why, when it did
 
     def _body(self) -> bytes:
         return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                           "pid_started": process_started(os.getpid()), "boot_id": boot_id(),
                            "expires_at": time.time() + self.ttl}).encode()
 
     def holder(self) -> dict | None:
@@ -115,16 +156,26 @@ class Lease:
         self.fs.invalidate_cache()
         if not put_if_absent(self.fs, self.path, self._body()):
             held = self.holder() or {}
-            if held.get("expires_at", 0) > time.time():
-                raise LeaseHeld(
-                    f"output is being written by run {held.get('run_id')} (host {held.get('host')}, pid "
-                    f"{held.get('pid')}) until at least {time.strftime('%H:%M:%S', time.localtime(held['expires_at']))}; "
-                    "two runs of one job never write at once. Wait for it, or if it died, rerun after the lease "
-                    "expires")
-            # The holder died without releasing: take over, then make sure we won the race.
-            self.fs.rm_file(self.path)
-            if not put_if_absent(self.fs, self.path, self._body()):
-                raise LeaseHeld("another run took over the expired lease at the same moment; try again")
+            if held.get("run_id") == self.run_id:
+                # Our own create succeeded, but its answer was lost (a dropped connection) and the
+                # client's retry met our own object: it is ours, not another run's.
+                pass
+            else:
+                gone = holder_gone(held)
+                if held.get("expires_at", 0) > time.time() and not gone:
+                    raise LeaseHeld(
+                        f"output is being written by run {held.get('run_id')} (host {held.get('host')}, pid "
+                        f"{held.get('pid')}) until at least "
+                        f"{time.strftime('%H:%M:%S', time.localtime(held['expires_at']))}; two runs of one job "
+                        "never write at once. Wait for it, or if it died on another host, rerun after the lease "
+                        "expires (output.lease_ttl_s)")
+                # The holder died without releasing (expired, or provably gone): take over, then make
+                # sure we won the race.
+                self.took_over = (f"took over the lease of run {held.get('run_id')}: "
+                                  f"{gone or 'it expired without being renewed'}")
+                self.fs.rm_file(self.path)
+                if not put_if_absent(self.fs, self.path, self._body()):
+                    raise LeaseHeld("another run took over the expired lease at the same moment; try again")
         time.sleep(0.05)
         if (self.holder() or {}).get("run_id") != self.run_id:
             raise LeaseHeld("another run took over the lease at the same moment; try again")

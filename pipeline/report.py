@@ -45,6 +45,8 @@ class RunReport:
     fallback_cpu: int = 0  # records the GPU decoder handed to the CPU path
     bad_shards: dict[str, int] = field(default_factory=dict)  # shards cut short by a fault, by type
     parts_by_node: dict[str, int] = field(default_factory=dict)  # part files written, by node
+    labels: dict | None = None  # ground truth from names (folders, ClassLabel): what mapped, what did not
+    lease: str | None = None  # whose lease this run took over, and why
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -64,6 +66,7 @@ class RunReport:
         first = "" if self.time_to_first_row_s is None else f", first row at {self.time_to_first_row_s:.1f} s"
         full = "" if self.time_to_full_speed_s is None else f", full speed at {self.time_to_full_speed_s:.1f} s"
         lines += [
+            *([f"  lease          {self.lease}"] if self.lease else []),
             f"  shards         {self.shards} listed: {self.shards_processed} processed, {self.shards_resumed} resumed "
             f"from an interrupted run, {self.shards_unchanged} unchanged (mode {self.mode})",
             f"  throughput     {self.images_per_s:.1f} images/s over {self.wall_s:.1f} s wall{first}{full}",
@@ -78,6 +81,11 @@ class RunReport:
             g = self.gate
             lines.append(f"  accuracy gate  cosine {g['cosine_mean']:.5f} (min {g['cosine_min']:.5f}), "
                          f"top-1 agreement {g['top1_agreement']} on {g['samples']} images vs torch fp32")
+        if self.labels:
+            lb = self.labels
+            missing = ", ".join(f"{n!r}" + (f" ({k} files)" if k else "") for n, k in lb["unmapped"].items())
+            lines.append(f"  labels         from {lb['from']} names: {lb['mapped']} of {lb['names']} mapped to the "
+                         f"model's classes" + (f"; not mapped (no label, not guessed): {missing}" if missing else ""))
         if self.top1_accuracy is not None:
             lines.append(f"  top-1 accuracy {self.top1_accuracy:.4f} on {self.labeled} labeled images")
         return "\n".join(lines)

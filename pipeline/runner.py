@@ -44,8 +44,8 @@ def init_ray(spec: JobSpec) -> None:
 
 
 def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str | None, preprocess: Preprocess,
-                  writer: dict, calibration: np.ndarray | None = None,
-                  gate_images: np.ndarray | None = None) -> ray.data.Dataset:
+                  writer: dict, calibration: np.ndarray | None = None, gate_images: np.ndarray | None = None,
+                  labels: dict[str, int] | None = None) -> ray.data.Dataset:
     """read -> [decode] -> predict + write, one part per row from the readers on."""
     from pipeline.decode import Decoder
     from pipeline.predict import Predictor
@@ -54,7 +54,7 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str |
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     readers = plan.read_actors(len(shards))
     ds = ds.map_batches(ShardReader, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
-                        fn_constructor_kwargs={"source": spec.source.model_dump()},
+                        fn_constructor_kwargs={"source": spec.source.model_dump(), "labels": labels},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=readers, initial_size=readers))
     if plan.decoders:  # GPU clusters decoding on the CPU: their own actors, a part per call
         ds = ds.map_batches(Decoder, batch_size=1, batch_format="pyarrow", num_cpus=1,
@@ -114,14 +114,15 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
             if prepared.exception() is None:  # it took the lease: give it back
                 prepared.result()[2].close()
             raise
-    ckpt, shards, sink, work = prepared.result()
+    ckpt, shards, sink, work, labels = prepared.result()
     model_id = ckpt.model_id
     try:
         meta = {"run_id": run_id, "model_id": model_id, "model_source": ckpt.source,
                 "job": spec.model_dump_json(), "engine": f"{spec.engine.backend}-{spec.engine.precision}"}
         writer = {"uri": spec.output.uri, "run_id": run_id, "metadata": meta,
                   "row_group_rows": spec.output.row_group_rows}
-        engine_check, plan, timing = _process(spec, ckpt, work.todo, sink, t0, shards, writer)
+        engine_check, plan, timing = _process(spec, ckpt, work.todo, sink, t0, shards, writer,
+                                              labels.to_index if labels else None)
         wall = time.time() - t0
         c = sink.counts
         device = "cuda" if plan and plan.gpu else "cpu"
@@ -140,6 +141,7 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
             started_at=round(t0, 3), time_to_start_s=timing.get("start"), time_to_full_speed_s=full_speed_at(c.timeline, t0),
             decoder=_decoder(plan, c), decoded_gpu=c.decoded_gpu, fallback_cpu=c.fallback_cpu,
             bad_shards=dict(c.bad_shards), parts_by_node=dict(sink.nodes),
+            labels=labels.summary() if labels else None, lease=sink.lease.took_over,
         )
         sink.commit({
             "format": "vitpipe-output/1", "run_id": run_id,
@@ -160,13 +162,15 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
 def _prepare(spec: JobSpec, ckpt: Checkpoint | None, run_id: str):
     """The model, the shards, and the output's sink with its lease taken and its work planned.
     Runs beside Ray's start-up: torch is first imported here."""
+    from pipeline.labels import plan_labels
     from pipeline.model.checkpoints import load_model
 
     ckpt = ckpt or load_model(spec.model)
     shards = list_shards(spec.source)
+    labels = plan_labels(spec.source, shards, ckpt)
     sink = ParquetSink(spec.output, run_id, ckpt.model_id)
     work = sink.begin(shards)  # refuses a finished output in mode error; takes the lease
-    return ckpt, shards, sink, work
+    return ckpt, shards, sink, work, labels
 
 
 def _decoder(plan: Plan | None, c) -> str:
@@ -180,7 +184,7 @@ def _decoder(plan: Plan | None, c) -> str:
 
 
 def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSink, t0: float,
-             listed: list[Shard], writer: dict) -> tuple[dict, Plan | None, dict]:
+             listed: list[Shard], writer: dict, labels: dict[str, int] | None = None) -> tuple[dict, Plan | None, dict]:
     """Stream the shards to do through Ray; returns (engine check, plan, {"start", "first_row"} in s).
 
     The gate's and the int8/fp8 calibration's images come from the first *listed* shards, not the
@@ -208,7 +212,7 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     # first: finished here, before the dataset starts; driver and actors: below, before the first row
     engine_check = gate.finish(check, calibration) if where == "first" or isinstance(check, dict) else None
     ds = build_dataset(spec, todo, plan, engine_check["backend"] if where == "first" else backend, ckpt.preprocess,
-                       writer, calibration, gate_images)
+                       writer, calibration, gate_images, labels)
     timing = {"start": round(time.time() - t0, 3)}
     total = sum(1 for _ in todo)
     bar = tqdm(desc=spec.name, unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)

@@ -7,6 +7,7 @@ deploy/), so nothing secret lands in the Ray runtime_env, the job's metadata or 
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import shlex
@@ -128,14 +129,29 @@ def wait_for(address: str, job_id: str, timeout_s: float = 1800.0) -> str:
 
 # --- schedules ---------------------------------------------------------------------------------
 
-_CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
+def check_cron(cron: str) -> None:
+    """A crontab schedule: five fields (names like `mon` and ranges allowed) or an @nickname, with
+    every value in range; checked by croniter, which also computes the next run times."""
+    from croniter import croniter
+
+    five_fields_or_nickname = cron.strip().startswith("@") or len(cron.split()) == 5  # crontab has no seconds
+    if not five_fields_or_nickname or not croniter.is_valid(cron):
+        raise ValueError(f"--cron {cron!r}: not a crontab schedule; expected 5 fields (minute 0-59, hour 0-23, "
+                         "day 1-31, month 1-12 or jan-dec, weekday 0-7 or sun-sat), e.g. '0 2 * * *' or "
+                         "'0 2 * * mon', or @hourly / @daily / @weekly / @monthly")
+
+
+def next_runs(cron: str, n: int = 3, after: datetime.datetime | None = None) -> list[datetime.datetime]:
+    """The next n times the schedule fires (local time), so the user sees what they asked for."""
+    from croniter import croniter
+
+    it = croniter(cron, after or datetime.datetime.now())
+    return [it.get_next(datetime.datetime) for _ in range(n)]
 
 
 def cron_line(job_path: str, cron: str, log_dir: str, vitpipe: str | None = None) -> str:
     """The crontab line that runs a job on a schedule, logging to a file; validated first."""
-    fields = cron.split()
-    if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
-        raise ValueError(f"--cron {cron!r}: expected 5 fields (minute hour day month weekday), e.g. '0 2 * * *'")
+    check_cron(cron)
     exe = vitpipe or shutil.which("vitpipe") or f"{sys.executable} -m pipeline.cli"
     job = str(Path(job_path).resolve())
     log = str(Path(log_dir).expanduser() / (Path(job_path).stem + ".log"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import platform
 import posixpath
+import sys
 import time
 import traceback
 from collections import Counter
@@ -132,6 +133,8 @@ class ParquetSink:
         """Take the lease, then decide per shard: process, adopt (pending from a dead run) or keep."""
         self.check_writable()
         self.lease.acquire()
+        if self.lease.took_over:
+            print(f"vitpipe: {self.lease.took_over}", file=sys.stderr, flush=True)
         self.shards = {shard_key(s.uri): s for s in shards}
         entries = self.ledger.entries()
         listing = self._listing()

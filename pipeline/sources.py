@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import SourceSpec
 from pipeline.decode import is_image_name
+from pipeline.labels import classlabel_names, folder_of
 
 RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.large_binary()), ("source_uri", pa.string()), ("source_etag", pa.string()),
@@ -180,14 +181,15 @@ class Columns:
         return table
 
 
-def read_parts(shard: Shard, source: SourceSpec) -> Iterator[Part]:
+def read_parts(shard: Shard, source: SourceSpec, labels: dict[str, int] | None = None) -> Iterator[Part]:
     """Stream one shard as parts of at most source.records_per_part records (never the whole
-    shard in memory); the last part says so. A shard-level fault ends the shard with an error record."""
+    shard in memory); the last part says so. A shard-level fault ends the shard with an error record.
+    labels: dataset class names -> model class indices (labels.py), where the dataset names them."""
     reader = {"webdataset": _read_tar, "parquet": _read_parquet, "images": _read_images}[source.format]
     only = _key_set(source.only_keys) if source.only_keys else None
     cols, index, fault = Columns(shard), 0, None
     try:
-        for rec in reader(shard, source):
+        for rec in reader(shard, source, labels or {}):
             if only is not None and rec.key not in only:
                 continue
             if len(cols) >= source.records_per_part:  # a full part, and more to come: hand it on
@@ -281,13 +283,13 @@ class ShardReader:
     images that was 336 CPU-seconds of worker start-up, a third of the model's own time.
     It imports only pyarrow and fsspec, never torch (~2 CPU-seconds per worker)."""
 
-    def __init__(self, source: dict):
-        self.spec = SourceSpec.model_validate(source)
+    def __init__(self, source: dict, labels: dict[str, int] | None = None):
+        self.spec, self.labels = SourceSpec.model_validate(source), labels
 
     def __call__(self, batch: dict) -> Iterator[pa.Table]:
         for row in batch["shard"]:
             shard = Shard(**json.loads(row))
-            for part in read_parts(shard, self.spec):
+            for part in read_parts(shard, self.spec, self.labels):
                 yield part_row(part)
 
 
@@ -316,7 +318,7 @@ def unsafe_reason(m: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _read_tar(shard: Shard, source: SourceSpec) -> Iterator[Record]:
+def _read_tar(shard: Shard, source: SourceSpec, labels: dict[str, int]) -> Iterator[Record]:
     """Members arrive in tar order; a sample is the run of consecutive members sharing a key."""
     seen: set[str] = set()
     group_key: str | None = None
@@ -334,13 +336,16 @@ def _read_tar(shard: Shard, source: SourceSpec) -> Iterator[Record]:
     with fs.open(path, "rb", block_size=8 << 20) as f, _open_tar(f) as tar:
         members = iter(tar)
         while True:
+            m = None
             try:
                 m = next(members, None)
                 if m is None:
                     break
                 data = tar.extractfile(m).read() if m.isfile() and not unsafe_reason(m) else b""
             except (tarfile.TarError, EOFError, OSError) as e:
-                yield from flush()  # the last whole sample before the fault is still a record
+                # the samples read whole before the fault are records; one cut in its middle is not
+                if m is None or _split_key(m.name)[0] != group_key:
+                    yield from flush()
                 kind = "TruncatedShard" if isinstance(e, tarfile.ReadError | EOFError) else _fault_kind(e)
                 raise ShardFault(kind, f"offset {f.tell()}, after {last}", e) from None
             last = f"member {m.name!r}"
@@ -424,7 +429,10 @@ def _missing_columns(uri: str, source: SourceSpec) -> str | None:
     return None
 
 
-def _read_parquet(shard: Shard, source: SourceSpec) -> Iterator[Record]:
+def _read_parquet(shard: Shard, source: SourceSpec, labels: dict[str, int]) -> Iterator[Record]:
+    """A column of encoded images: plain bytes, or the struct<bytes, path> of Hugging Face `datasets`
+    (bytes inline, or a path relative to the Parquet file where bytes are null). A ClassLabel's
+    integers are mapped through its names when the driver found them (labels.py)."""
     fs, path = fsspec.core.url_to_fs(shard.uri)
     base = posixpath.basename(path).removesuffix(".parquet")
     columns = _columns(source)
@@ -434,30 +442,62 @@ def _read_parquet(shard: Shard, source: SourceSpec) -> Iterator[Record]:
         if missing:
             raise ShardFault("UnreadableShard", f"its schema ({pf.schema_arrow.names})",
                              KeyError(f"column {missing[0]!r} not found"))
+        names = classlabel_names(pf.schema_arrow, source.label_column) if source.label_column and labels else None
         row = 0
         for batch in pf.iter_batches(batch_size=256, columns=columns):
             images = batch.column(source.image_column).to_pylist()
             keys = batch.column(source.key_column).to_pylist() if source.key_column else None
-            labels = batch.column(source.label_column).to_pylist() if source.label_column else None
-            for i, data in enumerate(images):
+            ys = batch.column(source.label_column).to_pylist() if source.label_column else None
+            for i, cell in enumerate(images):
                 key = str(keys[i]) if keys else f"{base}/{row}"
-                label = labels[i] if labels else None
-                yield Record(key, f"row {row}", data, None if label is None else int(label))
+                y = ys[i] if ys else None
+                if y is not None and names:  # a ClassLabel: its name, then the model's index for it
+                    y = labels.get(names[y]) if 0 <= y < len(names) else None
+                data, member = cell, f"row {row}"
+                if isinstance(cell, dict):  # datasets' Image feature
+                    data, member = cell.get("bytes"), cell.get("path") or member
+                    if data is None and cell.get("path"):
+                        try:
+                            data = _image_beside(fs, path, cell["path"])
+                        except OSError as e:
+                            yield Record(key, member, None, y, status="error", error_type="ReadError",
+                                         message=f"{shard.uri} row {row}: image path {cell['path']!r}: {e}")
+                            row += 1
+                            continue
+                yield Record(key, member, data, None if y is None else int(y))
                 row += 1
+
+
+def _image_beside(fs, parquet_path: str, image_path: str) -> bytes:
+    """An image a `datasets` row names by path: a URI or absolute path as is, else beside the file."""
+    if "://" in image_path:
+        other, p = fsspec.core.url_to_fs(image_path)
+        return other.cat_file(p)
+    if not image_path.startswith("/"):
+        image_path = posixpath.join(posixpath.dirname(parquet_path), image_path)
+    return fs.cat_file(image_path)
 
 
 # --- A folder of image files -----------------------------------------------------------------------
 
-def _read_images(shard: Shard, source: SourceSpec) -> Iterator[Record]:
+def relative_path(uri: str, source: SourceSpec) -> str:
+    """A file's path under the source root that lists it (its record key, less the extension)."""
     roots = [fsspec.core.url_to_fs(u)[1].rstrip("/") for u in ([source.uri] if isinstance(source.uri, str) else source.uri)]
+    path = fsspec.core.url_to_fs(uri)[1]
+    root = next((r for r in roots if path.startswith(r + "/")), None)
+    return path[len(root) + 1 :] if root else posixpath.basename(path)
+
+
+def _read_images(shard: Shard, source: SourceSpec, labels: dict[str, int]) -> Iterator[Record]:
     for uri in shard.files:
         fs, path = fsspec.core.url_to_fs(uri)
-        root = next((r for r in roots if path.startswith(r + "/")), None)
-        rel = path[len(root) + 1 :] if root else posixpath.basename(path)
+        rel = relative_path(uri, source)
         key = rel.rsplit(".", 1)[0]
+        label = labels.get(folder_of(rel) or "") if source.label_from == "folder" else None
         try:
             data = fs.cat_file(path)
         except OSError as e:
-            yield Record(key, rel, status="error", error_type="ReadError", message=f"{uri}: {e}", source_uri=uri)
+            yield Record(key, rel, None, label, status="error", error_type="ReadError", message=f"{uri}: {e}",
+                         source_uri=uri)
             continue
-        yield Record(key, rel, data, source_uri=uri)
+        yield Record(key, rel, data, label, source_uri=uri)

@@ -39,6 +39,7 @@ def test_demo_labels_held_out_digits_and_inspect_reads_it(tmp_path):
     insp = _vitpipe("inspect", str(out), "--rows", "2")
     assert insp.returncode == 0
     assert "committed (_SUCCESS present)" in insp.stdout
+    assert "files  ok           4 files        359 rows" in insp.stdout and "per file min" in insp.stdout
     assert "embedding: fixed_size_list<element: float>[96]" in insp.stdout
     # Running the demo again replaces its output (the demo uses mode full): still 359 rows.
     again = _vitpipe("demo", "--out", str(tmp_path / "demo"))

@@ -337,9 +337,17 @@ def test_a_cut_or_unreadable_shard_is_an_error_row_and_the_job_goes_on(ray_clust
     the shard as cut short; once it is rewritten (new ETag) the next incremental run reads it again."""
     bucket = "vitpipe-faults"
     s3.mkdir(bucket)
+    import io
+
+    import webdataset as wds
+
     good = digit_jpegs("test")[:60]
     write_shards(good[:40], f"s3://{bucket}/in", n_shards=2, prefix="good")
-    whole = tar_bytes([(f"cut-{i}.jpg", data) for i, (data, _) in enumerate(good[40:50])])
+    buf = io.BytesIO()
+    with wds.TarWriter(buf) as tar:  # the shard as the webdataset library writes it
+        for i, (data, y) in enumerate(good[40:50]):
+            tar.write({"__key__": f"cut-{i}", "jpg": data, "cls": str(y).encode()})
+    whole = buf.getvalue()
     cut_at = whole.index(b"cut-7.jpg") + 512 + 100  # 100 bytes into the 8th member's data
     s3.pipe(f"{bucket}/in/cut.tar", whole[:cut_at])
     s3.pipe(f"{bucket}/in/random.tar", bytes(range(256)) * 20)
@@ -355,7 +363,7 @@ def test_a_cut_or_unreadable_shard_is_an_error_row_and_the_job_goes_on(ray_clust
     assert [(k.rsplit("/", 1)[1], stage, t) for k, stage, t, _ in errs] == [
         ("cut.tar#shard", "read", "TruncatedShard"), ("empty.tar#shard", "read", "UnreadableShard"),
         ("random.tar#shard", "read", "UnreadableShard")]
-    assert "after member 'cut-6.jpg'" in errs[0][3] and "rewrite the shard" in errs[0][3]
+    assert "after member 'cut-7.cls'" in errs[0][3] and "rewrite the shard" in errs[0][3]
     cut_keys = con.sql(f"SELECT key FROM 's3://{bucket}/out/part-*.parquet' WHERE key LIKE 'cut-%'").fetchall()
     assert sorted(k[0] for k in cut_keys) == [f"cut-{i}" for i in range(7)]
     s3.invalidate_cache()
@@ -372,3 +380,78 @@ def test_a_cut_or_unreadable_shard_is_an_error_row_and_the_job_goes_on(ray_clust
     assert sorted(k[0] for k in keys) == [f"cut-{i}" for i in range(10)]
     manifest = json.loads(s3.cat(f"{bucket}/out/_manifest.json"))
     assert manifest["totals"]["ok"] == 50 and manifest["totals"]["errors"] == 2
+
+
+def test_an_imagefolder_tree_is_labeled_by_its_folder_names(ray_cluster, tmp_path):
+    """ImageNet's layout, CLASS/NAME.JPEG: folders named like the model's labels ('seven'), or by class
+    index ('3'), give the ground truth; a folder that maps to nothing ('cats') is counted and named,
+    its images unlabeled, not guessed."""
+    from collections import defaultdict
+
+    from pipeline.demo import LABELS
+
+    by_class = defaultdict(list)
+    for data, y in digit_jpegs("test")[:150]:
+        by_class[y].append(data)
+    root = tmp_path / "tree"
+    for y, images in by_class.items():
+        folder = root / (str(y) if y == 3 else LABELS[y].upper() if y == 5 else LABELS[y])  # 'FIVE': any case
+        folder.mkdir(parents=True)
+        for i, data in enumerate(images):
+            (folder / f"img{i:04d}.JPEG").write_bytes(data)
+    (root / "cats").mkdir()
+    for i in range(4):
+        (root / "cats" / f"cat{i}.JPEG").write_bytes(image_bytes(64, 64, seed=i))
+    report = run_job(_spec(str(root), str(tmp_path / "out"),
+                           source={"format": "images", "images_per_shard": 50, "label_from": "folder"}))
+    assert report.ok_rows == 154 and report.labeled == 150  # the cats have no label
+    assert report.top1_accuracy > 0.9  # the bundled model on held-out digits, judged by folder names
+    assert report.labels == {"from": "folder", "names": 11, "mapped": 10, "unmapped": {"cats": 4}}
+    rows = pl.read_parquet(str(tmp_path / "out" / "part-*.parquet"))
+    sevens = rows.filter(pl.col("key").str.starts_with("seven/"))
+    assert sevens.height == len(by_class[7]) and set(sevens["label"].to_list()) == {7}
+    assert set(rows.filter(pl.col("key").str.starts_with("3/"))["label"].to_list()) == {3}
+    assert rows.filter(pl.col("key").str.starts_with("cats/"))["label"].null_count() == 4
+
+
+def test_hugging_face_datasets_parquet_with_classlabel_names(ray_cluster, tmp_path):
+    """Parquet written by the `datasets` library: the image column is struct<bytes, path>, the label a
+    ClassLabel whose names live in the schema's metadata. Its names map to the model's classes by
+    name (here in another order than the model's), and a file whose images are paths beside it
+    (bytes null) is read too."""
+    datasets = pytest.importorskip("datasets")
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.demo import LABELS
+
+    order = LABELS[::-1]  # the dataset's class ids are not the model's
+    samples = digit_jpegs("test")[:80]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=order)})
+    ds = datasets.Dataset.from_dict({"image": [Image.open(io.BytesIO(d)) for d, _ in samples[:60]],
+                                     "label": [order.index(LABELS[y]) for _, y in samples[:60]]}, features=features)
+    (tmp_path / "in").mkdir()
+    ds.to_parquet(str(tmp_path / "in" / "train-00000-of-00002.parquet"))
+    # the second file as datasets writes images it did not embed: bytes null, a path beside the file
+    (tmp_path / "in" / "imgs").mkdir()
+    paths = []
+    for i, (data, _) in enumerate(samples[60:]):
+        (tmp_path / "in" / "imgs" / f"{i}.jpg").write_bytes(data)
+        paths.append(f"imgs/{i}.jpg")
+    schema = pq.read_schema(tmp_path / "in" / "train-00000-of-00002.parquet")
+    image = pa.array([{"bytes": None, "path": p} for p in paths] + [{"bytes": None, "path": "imgs/missing.jpg"}],
+                     schema.field("image").type)
+    label = pa.array([order.index(LABELS[y]) for _, y in samples[60:]] + [0], schema.field("label").type)
+    pq.write_table(pa.Table.from_arrays([image, label], schema=schema), tmp_path / "in" / "train-00001-of-00002.parquet")
+
+    report = run_job(_spec(str(tmp_path / "in"), str(tmp_path / "out"),
+                           source={"format": "parquet", "image_column": "image", "label_column": "label"}))
+    assert report.records_read == 81 and report.ok_rows == 80 and report.errors_by_type == {"ReadError": 1}
+    assert report.labels == {"from": "classlabel", "names": 10, "mapped": 10, "unmapped": {}}
+    assert report.labeled == 80 and report.top1_accuracy > 0.9  # read through the names, not the raw ids
+    rows = pl.read_parquet(str(tmp_path / "out" / "part-*.parquet"))
+    assert (rows["label"] == rows["topk_ids"].list.first()).mean() > 0.9
+    assert "imgs/0.jpg" in rows["member"].to_list()

@@ -145,7 +145,7 @@ def test_driver_killed_mid_run_then_resumed_exactly_once(s3, tmp_path):
     digits = digit_jpegs("test")[:240]
     write_shards(digits, f"s3://{bucket}/in", n_shards=6)
     out = f"{bucket}/out"
-    job = _write_job(tmp_path, _spec(f"s3://{bucket}/in", f"s3://{out}", output={"lease_ttl_s": 3}))
+    job = _write_job(tmp_path, _spec(f"s3://{bucket}/in", f"s3://{out}"))  # lease_ttl_s 120
     killer = tmp_path / "kill_after.py"
     killer.write_text(KILL_AFTER)
     env = os.environ | {"KILL_AFTER_SHARDS": "2", "PYTHONPATH": str(ROOT)}
@@ -156,10 +156,12 @@ def test_driver_killed_mid_run_then_resumed_exactly_once(s3, tmp_path):
     assert not s3.exists(f"{out}/_SUCCESS") and not s3.exists(f"{out}/_manifest.json")
     assert not {p for p in _visible_parts(s3, out) if not p.startswith("_pending/")}  # readers see nothing
 
-    time.sleep(3.5)  # the dead run's lease expires
+    # The dead run's lease has ~2 minutes left, but its process on this host is provably gone: the
+    # rerun takes the lease over at once, and says so.
     again = _vitpipe(["run", str(job), "--no-progress"])
     code, stdout, stderr = again.wait(300), *again.communicate()
     assert code == 0, stderr[-3000:]
+    assert "took over the lease of run" in stderr and "is gone" in stdout
     assert "2 resumed from an interrupted run" in stdout  # at most the in-flight shards were redone
     keys = _keys(s3, out)
     assert len(keys) == 240 and len(set(keys)) == 240
@@ -299,9 +301,26 @@ def test_schedule_prints_a_cron_line_and_rejects_bad_cron(tmp_path):
     assert r.returncode == 0
     line = r.stdout.strip()
     assert line.startswith("0 2 * * * ") and f"run {job}" in line and "flock -n" in line and "--no-progress" in line
+    assert "next runs" in r.stderr
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "schedule", str(job), "--cron", "every night"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "5 fields" in bad.stderr
+
+
+def test_cron_schedules_are_checked_by_croniter_and_show_their_next_runs():
+    import datetime
+
+    from pipeline.service import check_cron, next_runs
+
+    for bad in ("61 2 * * *", "0 25 * * *", "0 2 * * 9", "every night", "* * * * * *", ""):
+        with pytest.raises(ValueError, match="not a crontab schedule"):
+            check_cron(bad)
+    for good in ("0 2 * * mon", "@daily", "*/15 * * * *", "0 2 1-7 * sun"):
+        check_cron(good)
+    tuesday_23h = datetime.datetime(2026, 12, 1, 23, 0)
+    assert next_runs("0 2 * * mon", 2, after=tuesday_23h) == [datetime.datetime(2026, 12, 7, 2, 0),
+                                                              datetime.datetime(2026, 12, 14, 2, 0)]
+    assert next_runs("@daily", 1, after=tuesday_23h) == [datetime.datetime(2026, 12, 2, 0, 0)]
 
 
 def test_runs_history_errors_summary_and_retry_spec(ray_cluster, tmp_path):
@@ -406,3 +425,99 @@ def test_a_local_run_listens_on_loopback_only_and_shows_only_its_own_lines(tmp_p
     for noise in ("Token authentication", "core_worker", "Progress bars disabled", "INFO", "WARNING"):
         assert noise not in stderr, stderr[-2000:]
     assert "img" in stderr and "shards=3/3" in stderr  # our progress bar
+
+
+def test_a_lease_is_taken_over_at_once_only_when_its_holder_is_provably_gone(tmp_path):
+    """Same host: a holder whose process has exited (or whose pid now belongs to another process, or
+    that held it before a reboot) is gone, and its lease is taken over at once; a holder on another
+    host, or still running here, keeps it until it expires."""
+    import fsspec
+
+    from pipeline.ledger import boot_id, process_started
+
+    fs = fsspec.filesystem("file")
+    out = tmp_path / "out"
+    out.mkdir()
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+
+    def held_by(**who) -> None:
+        body = {"run_id": "dead-run", "host": socket.gethostname(), "pid": exited.pid, "boot_id": boot_id(),
+                "expires_at": time.time() + 120} | who
+        (out / "_lease.json").write_text(json.dumps(body))
+
+    held_by()
+    lease = Lease(fs, str(out), "new-run", ttl_s=60)
+    lease.acquire()
+    assert "dead-run" in lease.took_over and f"process {exited.pid} on this host is gone" in lease.took_over
+    lease.release()
+    held_by(pid=os.getpid(), pid_started="1")  # our pid, but started at another time: reused
+    lease = Lease(fs, str(out), "new-run", ttl_s=60)
+    lease.acquire()
+    assert "belongs to another process" in lease.took_over
+    lease.release()
+    held_by(pid=os.getpid(), boot_id="another-boot")
+    lease = Lease(fs, str(out), "new-run", ttl_s=60)
+    lease.acquire()
+    assert "rebooted" in lease.took_over
+    lease.release()
+    for alive in ({"host": "another-host"}, {"pid": os.getpid(), "pid_started": process_started(os.getpid())}):
+        held_by(**alive)
+        with pytest.raises(LeaseHeld, match="being written by run dead-run"):
+            Lease(fs, str(out), "new-run", ttl_s=60).acquire()
+
+
+def test_a_lease_whose_create_answer_was_lost_is_recognized_as_our_own(tmp_path):
+    """The conditional create succeeded but its answer never came back (a dropped connection); the
+    client's retry then meets the object and is refused. The run must see its own run id there and
+    go on, not refuse itself as if another run held the output."""
+    import fsspec
+
+    import pipeline.ledger as ledger
+
+    fs = fsspec.filesystem("file")
+    lease = Lease(fs, str(tmp_path), "run-1", ttl_s=60)
+    real = ledger.put_if_absent
+
+    def created_but_answer_lost(fs_, path, data):
+        real(fs_, path, data)  # it reached the store ...
+        return real(fs_, path, data)  # ... and the retry is refused: False
+
+    ledger.put_if_absent = created_but_answer_lost
+    try:
+        lease.acquire()
+    finally:
+        ledger.put_if_absent = real
+    assert lease.took_over is None and json.loads((tmp_path / "_lease.json").read_text())["run_id"] == "run-1"
+    lease.release()
+    assert not (tmp_path / "_lease.json").exists()
+
+
+def test_a_job_through_a_store_that_throttles_and_drops_connections_is_exact(s3, tmp_path):
+    """Reads, part-file writes and the commit through a loopback proxy in front of SeaweedFS that
+    answers 503 SlowDown, drops connections before they reach the store, and loses answers after
+    they did; and the lease's conditional create whose answer is lost (the retry then meets the
+    run's own lease). The job succeeds and its output is exact."""
+    from faultproxy import FaultProxy
+
+    bucket = "vitpipe-faulty"
+    s3.mkdir(bucket)
+    write_shards(digit_jpegs("test")[:120], f"s3://{bucket}/in", n_shards=4)
+    job = _write_job(tmp_path, _spec(f"s3://{bucket}/in", f"s3://{bucket}/out"))
+    proxy = FaultProxy()
+    try:
+        env = os.environ | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        run = _vitpipe(["run", str(job), "--no-progress"], env=env)
+        code, _, stderr = run.wait(300), *run.communicate()
+    finally:
+        proxy.stop()
+    assert code == 0, stderr[-3000:]
+    done = {(kind, fault) for kind, fault, _ in proxy.faults}
+    for kind in ("read", "part", "commit"):
+        assert {(kind, f) for f in ("slowdown", "drop", "lose")} <= done, (kind, proxy.faults)
+    assert ("lease", "lose") in done and "took over" not in stderr  # its own lease, recognized
+    keys = _keys(s3, f"{bucket}/out")
+    assert len(keys) == 120 and len(set(keys)) == 120
+    manifest = json.loads(s3.cat(f"{bucket}/out/_manifest.json"))
+    assert manifest["totals"] == {"shards": 4, "records": 120, "ok": 120, "errors": 0, "skipped": 0}
+    assert _visible_parts(s3, f"{bucket}/out") == {f["path"] for f in manifest["files"]}  # no stray copies
