@@ -128,6 +128,8 @@ class FaultProxy:
                 if head is None:
                     return
                 method, target, headers = _headers(head)
+                if headers.get("expect", "").lower() == "100-continue":  # botocore's PUTs wait for this
+                    client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = _read_body(client, buf, headers)
                 fault = self._plan(method, target, headers)
                 if fault == "slowdown":
@@ -145,7 +147,7 @@ class FaultProxy:
             client.close()
 
     def _forward(self, head: bytes, body: bytes, method: str) -> bytes:
-        lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"connection:")]
+        lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith((b"connection:", b"expect:"))]
         request = b"\r\n".join(lines + [b"Connection: close"]) + b"\r\n\r\n" + body
         with socket.create_connection(self.upstream, timeout=30) as up:
             up.sendall(request)
