@@ -200,17 +200,23 @@ os._exit(0)  # skip teardown of a cluster that just lost a node (its noise is no
 """
 
 
+def _cluster_script(tmp_path: Path, source: str, spec: JobSpec) -> tuple[dict, str]:
+    """Run a script that starts its own ray.cluster_utils.Cluster and a job on it; -> (the JSON it
+    printed last, its stderr)."""
+    script = tmp_path / "cluster_job.py"
+    script.write_text(source)
+    r = subprocess.run([sys.executable, str(script), spec.model_dump_json()], capture_output=True, text=True,
+                       timeout=420, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
 def test_worker_node_lost_mid_run_output_still_exact(s3_server, tmp_path):
     """Three nodes, one worker killed after the first shard: retried tasks and a restarted actor finish it."""
     write_shards(digit_jpegs("test")[:240], str(tmp_path / "in"), n_shards=6)
     spec = _spec(str(tmp_path / "in"), str(tmp_path / "out"), engine={"batch_size": 8})
-    script = tmp_path / "node_loss.py"
-    script.write_text(NODE_LOSS)
-    r = subprocess.run([sys.executable, str(script), spec.model_dump_json()], capture_output=True, text=True,
-                       timeout=420, env=os.environ | {"PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "killed a node" in r.stderr
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    result, stderr = _cluster_script(tmp_path, NODE_LOSS, spec)
+    assert "killed a node" in stderr
     assert result["records"] == result["ok"] == 240 and result["victim_alive"] is False
     keys = duckdb.sql(f"SELECT key FROM '{tmp_path / 'out'}/part-*.parquet'").fetchall()
     assert len(keys) == 240 and len({k[0] for k in keys}) == 240
@@ -376,12 +382,7 @@ def test_on_three_nodes_the_model_actors_write_the_part_files(s3_server, tmp_pat
     10,000 images) showed all three writing (6, 7 and 7 parts)."""
     write_shards(digit_jpegs("test")[:240], str(tmp_path / "in"), n_shards=4)
     spec = _spec(str(tmp_path / "in"), str(tmp_path / "out"), source={"records_per_part": 20})
-    script = tmp_path / "three.py"
-    script.write_text(THREE_NODES)
-    r = subprocess.run([sys.executable, str(script), spec.model_dump_json()], capture_output=True, text=True,
-                       timeout=420, env=os.environ | {"PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr[-4000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    result, _ = _cluster_script(tmp_path, THREE_NODES, spec)
     assert result["records"] == result["ok"] == 240 and result["actors"] == 3
     assert sum(result["nodes"].values()) == 12, result["nodes"]  # 4 shards x 3 parts
     assert {n.split(":")[1] for n in result["nodes"]} <= set(result["node_ids"])  # written on cluster nodes
