@@ -2,7 +2,9 @@
 stores really have, on a plan: per kind of request, the 1st is answered 503 SlowDown, the 2nd has
 its connection dropped before it reaches the store, the 3rd reaches the store and its answer is
 lost (the connection closes instead). Every fault is counted and recorded; the number of faults
-is bounded by the plan, so a test through it ends.
+is bounded by the plan, so a test through it ends. Apart from the plan, GETs of the objects in
+`denied` are refused (403 AccessDenied: credentials that may not read them) and of those in
+`gone` find nothing (404 NoSuchKey: deleted after listing).
 
 Kinds: "read" (GET of an input shard), "part" (PUT of a staged part file), "commit" (writes of
 _manifest.json and _SUCCESS, copies into place), "lease" (the conditional create of _lease.json).
@@ -16,8 +18,13 @@ import threading
 from collections import Counter
 
 FAULTS = ("slowdown", "drop", "lose")  # the 1st, 2nd and 3rd request of each kind
-SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s")
-SLOWDOWN_BODY = b"<?xml version=\"1.0\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+
+def _error(status: int, reason: str, code: str) -> bytes:
+    """An S3 error response, as the store sends it."""
+    body = f'<?xml version="1.0"?><Error><Code>{code}</Code><Message>{reason}</Message></Error>'.encode()
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode() + body)
 
 
 def kind_of(method: str, target: str, headers: dict[str, str]) -> str | None:
@@ -84,8 +91,10 @@ def _headers(head: bytes) -> tuple[str, str, dict[str, str]]:
 
 
 class FaultProxy:
-    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 8333)):
-        self.upstream = upstream
+    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 8333), faults: bool = True):
+        self.upstream, self.inject = upstream, faults
+        self.denied: set[str] = set()  # object paths (/bucket/key) whose GET is refused: 403 AccessDenied
+        self.gone: set[str] = set()  # object paths whose GET finds nothing: 404 NoSuchKey (deleted after listing)
         self.seen: Counter = Counter()  # requests per kind
         self.faults: list[tuple[str, str, str]] = []  # (kind, fault, method + path)
         self.requests = 0
@@ -107,9 +116,13 @@ class FaultProxy:
 
     def _plan(self, method: str, target: str, headers: dict[str, str]) -> str | None:
         kind = kind_of(method, target, headers)
+        path = target.split("?", 1)[0]
         with self._lock:
             self.requests += 1
-            if kind is None:
+            if method == "GET" and path in self.denied | self.gone:
+                self.faults.append(("read", "denied" if path in self.denied else "gone", f"{method} {path}"))
+                return "denied" if path in self.denied else "gone"
+            if kind is None or not self.inject:
                 return None
             self.seen[kind] += 1
             n = self.seen[kind]
@@ -132,8 +145,10 @@ class FaultProxy:
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = _read_body(client, buf, headers)
                 fault = self._plan(method, target, headers)
-                if fault == "slowdown":
-                    client.sendall(SLOWDOWN % (len(SLOWDOWN_BODY), SLOWDOWN_BODY))
+                if fault in ("slowdown", "denied", "gone"):
+                    client.sendall(_error(*{"slowdown": (503, "Slow Down", "SlowDown"),
+                                            "denied": (403, "Forbidden", "AccessDenied"),
+                                            "gone": (404, "Not Found", "NoSuchKey")}[fault]))
                     continue
                 if fault == "drop":
                     return  # closed before the store saw it

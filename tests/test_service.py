@@ -523,3 +523,39 @@ def test_a_job_through_a_store_that_throttles_and_drops_connections_is_exact(s3,
     manifest = json.loads(s3.cat(f"{bucket}/out/_manifest.json"))
     assert manifest["totals"] == {"shards": 4, "records": 120, "ok": 120, "errors": 0, "skipped": 0}
     assert _visible_parts(s3, f"{bucket}/out") == {f["path"] for f in manifest["files"]}  # no stray copies
+
+
+def test_a_shard_the_credentials_may_not_read_or_that_went_away_is_retried_next_night(s3, tmp_path):
+    """Through the proxy, one shard's GET is refused (403 AccessDenied) and another's finds nothing (404:
+    deleted after the listing). Each is one error row and a bad shard in the report; the job goes on.
+    The next incremental run reads both again, though their ETags are the same: the fault was not in
+    their bytes."""
+    from faultproxy import FaultProxy
+
+    bucket = "vitpipe-denied"
+    s3.mkdir(bucket)
+    write_shards(digit_jpegs("test")[:90], f"s3://{bucket}/in", n_shards=3)  # digits-00000..2.tar
+    job = _write_job(tmp_path, _spec(f"s3://{bucket}/in", f"s3://{bucket}/out"))
+    proxy = FaultProxy(faults=False)
+    proxy.denied.add(f"/{bucket}/in/digits-00001.tar")
+    proxy.gone.add(f"/{bucket}/in/digits-00002.tar")
+    env = os.environ | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+    try:
+        first = _vitpipe(["run", str(job), "--no-progress"], env=env)
+        code, stdout, stderr = first.wait(300), *first.communicate()
+        assert code == 0, stderr[-3000:]
+        report = json.loads(s3.cat(f"{bucket}/out/_report.json"))
+        assert report["bad_shards"] == {"ShardAccessDenied": 1, "ShardGone": 1}
+        assert report["ok_rows"] == 30 and report["error_rows"] == 2
+        assert "bad shards" in stdout
+        proxy.denied.clear()  # access granted; the shard turns out to be there after all
+        proxy.gone.clear()
+        again = _vitpipe(["run", str(job), "--no-progress"], env=env)
+        code, _, stderr = again.wait(300), *again.communicate()
+        assert code == 0, stderr[-3000:]
+    finally:
+        proxy.stop()
+    report = json.loads(s3.cat(f"{bucket}/out/_report.json"))
+    assert (report["shards_processed"], report["shards_unchanged"], report["bad_shards"]) == (2, 1, {})
+    keys = _keys(s3, f"{bucket}/out")
+    assert len(keys) == 90 and len(set(keys)) == 90
