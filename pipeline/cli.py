@@ -1,4 +1,4 @@
-"""`vitpipe`: run | compile | submit | status | logs | stop | schedule | runs | errors | demo | inspect.
+"""`vitpipe`: run | analyze | compile | submit | status | logs | stop | schedule | runs | errors | demo | inspect | report.
 
 Each command's --help explains its options.
 """
@@ -26,6 +26,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    spec = _spec_for_cli(args)
+    if args.no_progress:
+        spec.ray.progress = False
+    from pipeline.analyze import analyze_job, summary
+
+    manifest = analyze_job(spec)
+    where = spec.output.uri.rstrip("/") + "/analysis"
+    print(summary(manifest, where))
+    print(f"\npage: {where}/report.html   tables: {where}/*.parquet")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import fsspec
+
+    from pipeline.page import write_page
+
+    fs, root = fsspec.core.url_to_fs(args.uri)
+    targets = [args.uri.rstrip("/")]
+    if fs.exists(f"{root.rstrip('/')}/analysis/_manifest.json"):
+        targets.append(targets[0] + "/analysis")
+    for uri in targets:
+        print(f"wrote {write_page(uri)}")
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     spec = _spec_for_cli(args)
     from pipeline.runner import compile_job
@@ -48,7 +75,7 @@ def _spec_for_cli(args: argparse.Namespace):
     """The job spec with the command line's overrides; for a local run, Ray's local settings are
     put in place before anything imports ray (cluster.py)."""
     spec = load_job_spec(args.job, args.set)
-    if getattr(args, "address", None) and args.command in ("run", "compile"):
+    if getattr(args, "address", None) and args.command in ("run", "compile", "analyze"):
         spec.ray.address = args.address
     if getattr(args, "verbose", False):
         spec.ray.verbose = True
@@ -281,6 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="also show Ray's own log lines and worker output")
     run.set_defaults(fn=cmd_run)
 
+    an = sub.add_parser("analyze", help="attention distance, position embeddings, rollout and class token vs "
+                                        "mean-of-patches kNN over a job's images",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Stream a job's images (same spec, sources and actors as `run`) through the "
+                                    "model's attention path and write, under OUTPUT/analysis/: mean attention "
+                                    "distance per layer and head over the whole dataset, the position-embedding "
+                                    "similarity grid, attention rollout for analyze.samples images, both "
+                                    "embeddings of every image and, where labels exist, their kNN accuracies; "
+                                    "tables as Parquet, figures as PNG, and report.html. The run's own output "
+                                    "(OUTPUT/*.parquet) is not touched.",
+                        epilog="analyze.* fields: samples [16], knn_k [5], knn_holdout [0.2], knn_max_images "
+                               "[20000]; e.g. --set analyze.samples=32")
+    _job_args(an, "an existing Ray cluster (default: start a local one on 127.0.0.1)")
+    an.add_argument("--no-progress", action="store_true", help="no progress line (for logs)")
+    an.add_argument("--verbose", action="store_true", help="also show Ray's own log lines and worker output")
+    an.set_defaults(fn=cmd_analyze)
+
     comp = sub.add_parser("compile", help="build and cache a job's engine ahead of a run, and print the accuracy gate",
                           description="Build the engine a job would use (ONNX graph, TensorRT plan) where its actors "
                                       "run, store it in engine.cache_uri, and check it against torch fp32 on images "
@@ -341,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--rows", type=int, default=5, help="how many rows to show [5]")
     insp.add_argument("--all-files", action="store_true", help="list every file, not a summary and the first 5")
     insp.set_defaults(fn=cmd_inspect)
+
+    rp = sub.add_parser("report", help="rebuild an output's report.html (and its analysis page) from what it holds",
+                        description="Write OUTPUT/report.html from OUTPUT/_manifest.json and the error files, and "
+                                    "OUTPUT/analysis/report.html if `vitpipe analyze` wrote there: self-contained "
+                                    "pages (figures inline) to open in a browser.")
+    rp.add_argument("uri", help="the output directory (any fsspec URI), or its analysis/ folder")
+    rp.set_defaults(fn=cmd_report)
 
     sub.add_parser("bench", help="the side-by-side throughput benchmark (from a source checkout; "
                                  "`vitpipe bench --help` for its options)", add_help=False)

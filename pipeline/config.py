@@ -7,6 +7,7 @@ what was given, and what is allowed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,6 +184,18 @@ class RayOptions(Spec):
                                                               "(a stuck read or model call), instead of hanging.")
 
 
+class AnalyzeSpec(Spec):
+    samples: int = Field(16, ge=0, le=256, description="`vitpipe analyze`: images (the first decodable ones "
+                                                      "listed) whose attention rollout is drawn.")
+    knn_k: int = Field(5, ge=1, description="`vitpipe analyze`: neighbours in the class token vs mean-of-patches "
+                                            "k-nearest-neighbour comparison (cosine, similarity-weighted vote).")
+    knn_holdout: float = Field(0.2, gt=0, lt=1, description="`vitpipe analyze`: share of labeled images held out "
+                                                            "as the kNN test split (chosen by a hash of the key).")
+    knn_max_images: int = Field(20_000, ge=10, description="`vitpipe analyze`: labeled images the kNN comparison "
+                                                           "reads back at most (the first part files' labeled "
+                                                           "images, by file name).")
+
+
 class JobSpec(Spec):
     name: str = Field("vitpipe-job", description="A name for reports and logs.")
     source: SourceSpec
@@ -192,6 +205,7 @@ class JobSpec(Spec):
     output: OutputSpec
     resources: ResourcesSpec = ResourcesSpec()
     ray: RayOptions = RayOptions()
+    analyze: AnalyzeSpec = AnalyzeSpec()
 
 
 class JobSpecError(ValueError):
@@ -214,9 +228,22 @@ def load_job_spec(path: str | Path | None = None, overrides: list[str] | None = 
     for item in overrides or []:
         apply_override(data, item)
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise JobSpecError(format_errors(where, e)) from None
+    return absolute_paths(spec)
+
+
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """Local paths in a spec, relative to where vitpipe was started: made absolute here, since Ray's
+    workers do not share the driver's working directory."""
+    def fix(uri: str) -> str:
+        return uri if "://" in uri or uri.startswith(("/", "builtin:", "hf:")) else os.path.abspath(uri)
+
+    src = spec.source
+    src.uri = [fix(u) for u in src.uri] if isinstance(src.uri, list) else fix(src.uri)
+    spec.output.uri = fix(spec.output.uri)
+    return spec
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

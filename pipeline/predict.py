@@ -80,12 +80,16 @@ def predict_part(records: pa.Table, engine: Engine, pre: Preprocess, labels: lis
         data.update(top_k(logits, outputs.top_k, labels, has_head=engine.num_classes > 0))
     ok_rows = pa.table({f.name: data[f.name] for f in schema}, schema=schema)
 
+    return {"ok": ok_rows, "errors": error_table(records, cols)}, part_counts(cols, ok_rows, decoded)
+
+
+def error_table(records: pa.Table, cols: dict[str, list]) -> pa.Table:
+    """The error rows of a part: each failed record's provenance with its stage, type and message."""
     errors = [i for i, s in enumerate(cols["status"]) if s == "error"]
     err = records.select([c for c in ERROR_COLUMNS if c not in cols]).take(pa.array(errors, pa.int64()))
     for c in ("error_stage", "error_type", "error_message"):
         err = err.append_column(c, pa.array([cols[c][i] for i in errors], pa.string()))
-    err = err.select(list(ERROR_COLUMNS))
-    return {"ok": ok_rows, "errors": err}, part_counts(cols, ok_rows, decoded)
+    return err.select(list(ERROR_COLUMNS))
 
 
 def _take(pixels: Any, idx: np.ndarray) -> Any:

@@ -47,6 +47,7 @@ class RunReport:
     parts_by_node: dict[str, int] = field(default_factory=dict)  # part files written, by node
     labels: dict | None = None  # ground truth from names (folders, ClassLabel): what mapped, what did not
     lease: str | None = None  # whose lease this run took over, and why
+    timeline: list[list[float]] = field(default_factory=list)  # [s from start, records so far], for the page
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -116,3 +117,10 @@ def full_speed_at(timeline: list[tuple[float, int]], t0: float, within: float = 
         if (done_by(t) - done_by(t - window)) / window >= within * steady:
             return round(t, 3)
     return round(end, 3)
+
+
+def timeline_points(timeline: list[tuple[float, int]], t0: float, most: int = 240) -> list[list[float]]:
+    """The run's (when, records) steps, one per part, as [s from start, records], thinned to `most`."""
+    step = max(1, -(-len(timeline) // most))
+    points = timeline[::step] + ([timeline[-1]] if timeline and (len(timeline) - 1) % step else [])
+    return [[round(t - t0, 3), n] for t, n in points]

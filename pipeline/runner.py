@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from pipeline.cluster import connect
 from pipeline.config import JobSpec
+from pipeline.page import write_page
 from pipeline.plan import Plan, plan_resources
-from pipeline.report import RunReport, full_speed_at
+from pipeline.report import RunReport, full_speed_at, timeline_points
 from pipeline.sink import ParquetSink, versions
 from pipeline.sources import Shard, ShardReader, list_shards
 
@@ -50,12 +51,7 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str |
     from pipeline.decode import Decoder
     from pipeline.predict import Predictor
 
-    items = [{"shard": json.dumps(s.to_dict())} for s in shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    readers = plan.read_actors(len(shards))
-    ds = ds.map_batches(ShardReader, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
-                        fn_constructor_kwargs={"source": spec.source.model_dump(), "labels": labels},
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=readers, initial_size=readers))
+    ds = read_stage(spec, shards, plan, labels)
     if plan.decoders:  # GPU clusters decoding on the CPU: their own actors, a part per call
         ds = ds.map_batches(Decoder, batch_size=1, batch_format="pyarrow", num_cpus=1,
                             fn_constructor_kwargs={"preprocess": preprocess.to_dict()},
@@ -76,6 +72,32 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str |
                                            max_tasks_in_flight_per_actor=2),
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
     )
+
+
+def read_stage(spec: JobSpec, shards: list[Shard], plan: Plan, labels: dict[str, int] | None) -> ray.data.Dataset:
+    """Shards -> parts (one row each), by read actors; the first stage of `run` and `analyze` alike."""
+    items = [{"shard": json.dumps(s.to_dict())} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    readers = plan.read_actors(len(shards))
+    return ds.map_batches(ShardReader, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
+                          fn_constructor_kwargs={"source": spec.source.model_dump(), "labels": labels},
+                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=readers, initial_size=readers))
+
+
+def configure_data(spec: JobSpec, plan: Plan) -> None:
+    """Ray Data's settings for a vitpipe dataset: our own progress bar, a bounded stall, a stage's own
+    exceptions, and memory in flight capped by the plan."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one bar of our own
+    ctx.print_on_execution_start = False
+    ctx.execution_no_progress_timeout_s = spec.ray.stall_timeout_s  # bounded: a stuck stage fails the run
+    # a stage's own exception, not Ray Data's UserCodeException around it: a model actor's GateError
+    # then reaches the driver as one, with its figures
+    ctx.raise_original_map_exception = True
+    # Without a cap, Ray Data lets reads run ahead into half the object store: at 20,000 images the
+    # benchmark's peak memory was 45% above the 2,000-image run; with it, memory stays flat.
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=plan.buffer_mb(spec.resources.buffer_mb_per_actor) * 2**20)
 
 
 def check_uris(spec: JobSpec) -> None:
@@ -142,6 +164,7 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
             decoder=_decoder(plan, c), decoded_gpu=c.decoded_gpu, fallback_cpu=c.fallback_cpu,
             bad_shards=dict(c.bad_shards), parts_by_node=dict(sink.nodes),
             labels=labels.summary() if labels else None, lease=sink.lease.took_over,
+            timeline=timeline_points(c.timeline, t0),
         )
         sink.commit({
             "format": "vitpipe-output/1", "run_id": run_id,
@@ -156,6 +179,11 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
     except BaseException as e:
         sink.abort(e)
         raise
+    try:
+        write_page(spec.output.uri)
+    except Exception as e:  # the output is committed: a page that fails to draw must not fail the run
+        print(f"report page: not written ({type(e).__name__}: {e}); the output is committed and complete; "
+              f"rebuild the page with: vitpipe report {spec.output.uri}", file=sys.stderr)
     return report
 
 
@@ -194,18 +222,8 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     if not todo:
         return {"backend": spec.engine.backend, "reason": "no shard needed processing", "cache": "",
                 "gate": None}, None, {}
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one bar of our own, below
-    ctx.print_on_execution_start = False
-    ctx.execution_no_progress_timeout_s = spec.ray.stall_timeout_s  # bounded: a stuck stage fails the run
-    # a stage's own exception, not Ray Data's UserCodeException around it: a model actor's GateError
-    # then reaches this driver as one (below), with its figures
-    ctx.raise_original_map_exception = True
     plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], ckpt.config)
-    # Without a cap, Ray Data lets reads run ahead into half the object store: at 20,000 images the
-    # benchmark's peak memory was 45% above the 2,000-image run; with it, memory stays flat.
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=plan.buffer_mb(spec.resources.buffer_mb_per_actor) * 2**20)
+    configure_data(spec, plan)
     where, backend = gate.placement(spec, plan)
     check, calibration, gate_images = gate.start(spec, ckpt, listed, plan, where,
                                                  None if where == "first" else backend)

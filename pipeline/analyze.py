@@ -1,0 +1,411 @@
+"""`vitpipe analyze`: the questions the paper leaves its readers with, answered on the job's own
+images through the job's own model ("An Image is Worth 16x16 Words", Fig. 7 and Sec. 4.5).
+
+- How far does each head look? Mean attention distance per layer and head: for each query
+  patch, the attention weights to the key patches times the pixel distance between their
+  centres, summed over keys, averaged over queries, then over images. The class token is left
+  out as query and key (its position is no pixel) and the weights are not renormalized,
+  as in the paper's published code and its reproductions. Model actors keep running sums
+  per part (L x H floats); the driver adds them up. No attention map travels.
+- What do the learned position embeddings encode? Cosine similarity between every pair of
+  patch positions, from the weights.
+- What does the class token attend to? Attention rollout (Abnar & Zuidema, 2020: per layer,
+  heads averaged, identity added, rows normalized; the layers' product) for `analyze.samples`
+  images, the first decodable ones listed.
+- Class token or mean of patch tokens? Both embeddings of every image are written, and where
+  the images have labels, a cosine k-nearest-neighbour classifier on a held-out split (by a
+  hash of the key) scores each.
+
+Same sources, same read actors, same actor pools as `run` (runner.read_stage); the model is the
+checkpoint's torch ViT in fp32 on the actor's device, asked for its attention maps (the
+explicit softmax path of model/vit.py). Output, under OUT/analysis/ (OUT: output.uri):
+
+    _manifest.json             counts, model, the figures below, files
+    attention_distance.parquet layer, head, mean_distance_px, images
+    position_similarity.parquet position, row, col, similarity (to every position)
+    rollout.parquet            sample, key, member, label, image (PNG), rollout (grid x grid)
+    knn.parquet                embedding (cls | mean), k, accuracy, train_images, test_images
+    embeddings/part-*.parquet  key, member, label, cls, mean (one file per part)
+    errors/part-*.parquet      records that failed to decode (as in `run`)
+    *.png, report.html         the figures and the page (page.py)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import JobSpec
+from pipeline.decode import DecodeError, Preprocess, decode_image, decode_records
+from pipeline.engines.base import normalization_constants
+from pipeline.model.checkpoints import Checkpoint, load_model
+from pipeline.model.vit import ViT
+from pipeline.predict import error_table
+from pipeline.sources import Part, Shard, parts_of, read_parts
+from pipeline.storage import remove_tree
+from pipeline.write import PartWriter
+
+FORMAT = "vitpipe-analysis/1"
+RESULT_SCHEMA = pa.schema([("shard", pa.string()), ("part", pa.int32()), ("files", pa.string()),
+                           ("counts", pa.string()), ("distance_sums", pa.string())])
+
+
+# --- the measures: plain functions on attention maps and weights -------------------------------
+
+
+def patch_distances(grid: int, patch_size: int) -> torch.Tensor:
+    """(N, N) pixel distances between the centres of the grid's patches, row-major as the tokens."""
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    centres = torch.stack([ys.flatten(), xs.flatten()], dim=1).double() * patch_size  # (N, 2)
+    return torch.cdist(centres, centres)  # (N, N)
+
+
+def attention_distance(maps: list[torch.Tensor], distances: torch.Tensor) -> torch.Tensor:
+    """Per image, layer and head: the attention-weighted query-to-key distance, averaged over
+    query patches. maps: one (B, H, 1+N, 1+N) per layer -> (B, L, H) float64."""
+    per_layer = []
+    for attn in maps:
+        patches = attn[:, :, 1:, 1:].double()  # (B, H, N, N): patch queries to patch keys
+        per_layer.append((patches * distances).sum(-1).mean(-1))  # (B, H)
+    return torch.stack(per_layer, dim=1)  # (B, L, H)
+
+
+def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout: per layer A = rownorm(mean over heads + I); R = A_L ... A_1. Returns
+    the class token's row over the patches, (B, N)."""
+    B, _, T, _ = maps[0].shape
+    eye = torch.eye(T, dtype=torch.float64)
+    R = eye.expand(B, T, T)  # (B, T, T)
+    for attn in maps:
+        A = attn.double().mean(dim=1) + eye  # (B, T, T)
+        A = A / A.sum(dim=-1, keepdim=True)
+        R = A @ R
+    return R[:, 0, 1:]  # (B, N)
+
+
+def position_similarity(pos_embed: torch.Tensor) -> np.ndarray:
+    """(1, 1+N, D) learned position embeddings -> (N, N) cosine similarity between patch positions."""
+    p = torch.nn.functional.normalize(pos_embed[0, 1:].double(), dim=-1)  # (N, D)
+    return (p @ p.T).numpy()
+
+
+def knn_accuracy(train: np.ndarray, train_y: np.ndarray, test: np.ndarray, test_y: np.ndarray, k: int) -> float:
+    """Cosine k-nearest neighbours, each neighbour voting with its similarity."""
+    a = train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)  # (n, D)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    correct = 0
+    for start in range(0, len(test), 1024):  # bounded memory: 1,024 x n similarities at a time
+        q = test[start:start + 1024]
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)  # (m, D)
+        sims = q @ a.T  # (m, n)
+        kk = min(k, len(a))
+        idx = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]  # (m, k)
+        votes = np.zeros((len(q), classes))
+        np.add.at(votes, (np.arange(len(q))[:, None], train_y[idx]), np.take_along_axis(sims, idx, axis=1))
+        correct += int((votes.argmax(1) == test_y[start:start + 1024]).sum())
+    return correct / len(test)
+
+
+def held_out(key: str, share: float) -> bool:
+    """The kNN test split: a stable hash of the key, so every run (and machine) splits alike."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 2**32 < share
+
+
+# --- the model side: tokens and attention maps in fp32 -----------------------------------------
+
+
+class Probe:
+    """The checkpoint's ViT in fp32, taking uint8 images and giving both embeddings and the maps."""
+
+    def __init__(self, ckpt: Checkpoint, device: str = "cpu"):
+        self.ckpt, self.device = ckpt, torch.device(device)
+        self.vit: ViT = ckpt.build().to(self.device).eval()
+        scale, shift = normalization_constants(ckpt)
+        self.scale = torch.from_numpy(scale).to(self.device)  # (1, 3, 1, 1)
+        self.shift = torch.from_numpy(shift).to(self.device)
+        cfg = ckpt.config
+        self.distances = patch_distances(cfg.grid, cfg.patch_size).to(self.device)  # (N, N)
+
+    @torch.inference_mode()
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor]]:
+        """(B, S, S, 3) uint8 -> (class token (B, D), mean of patches (B, D), maps [(B, H, T, T)] * L)."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float() * self.scale + self.shift  # (B, 3, S, S)
+        tokens, maps = self.vit.forward_features(x, return_attn=True)  # (B, 1+N, D), [(B, H, T, T)]
+        cls, mean = self.vit.pool(tokens, "cls"), self.vit.pool(tokens, "gap")  # (B, D) each
+        return cls.float().cpu().numpy(), mean.float().cpu().numpy(), maps
+
+
+def analyze_part(records: pa.Table, probe: Probe, pre: Preprocess, call_size: int,
+                 pool: Any = None) -> tuple[dict[str, pa.Table], np.ndarray, dict]:
+    """A part's records -> ({"ok": embeddings, "errors": rows}, distance sums (L, H), counts)."""
+    pixels, cols = decode_records(records, pre, pool)  # (N, S, S, 3)
+    ok = np.flatnonzero(np.array([s == "ok" for s in cols["status"]], dtype=bool))
+    cfg = probe.ckpt.config
+    sums = np.zeros((cfg.depth, cfg.heads))  # (L, H)
+    cls_out, mean_out = [], []
+    for start in range(0, len(ok), call_size):
+        cls, mean, maps = probe.run(pixels[ok[start:start + call_size]])
+        sums += attention_distance(maps, probe.distances).sum(0).cpu().numpy()  # (L, H)
+        cls_out.append(cls)
+        mean_out.append(mean)
+    D = cfg.dim
+    rows = records.select(["key", "member", "label"]).take(pa.array(ok, pa.int64()))
+
+    def vectors(chunks: list[np.ndarray]) -> pa.Array:
+        flat = np.concatenate(chunks).reshape(-1) if chunks else np.zeros(0, np.float32)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), D)
+
+    emb = rows.append_column("cls", vectors(cls_out)).append_column("mean", vectors(mean_out))
+    errors = error_table(records, cols)
+    counts = {"records": len(ok) + errors.num_rows, "ok": len(ok), "errors": errors.num_rows}
+    return {"ok": emb, "errors": errors}, sums, counts
+
+
+class Analyzer:
+    """The Ray actor of `analyze`: where `run` has predict.Predictor."""
+
+    def __init__(self, job: dict, threads: int, call_size: int, writer: dict):
+        from pipeline.engines.torch_engine import resolve_device
+
+        spec = JobSpec.model_validate(job)
+        torch.set_num_threads(max(1, threads))
+        self.ckpt = load_model(spec.model)
+        self.probe = Probe(self.ckpt, resolve_device(spec.engine.device))
+        self.call_size = call_size
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
+        self.writer = PartWriter(**writer)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.concat_tables([self._process(part) for part in parts_of(batch)])
+
+    def _process(self, part: Part) -> pa.Table:
+        tables, sums, counts = analyze_part(part.records, self.probe, self.ckpt.preprocess, self.call_size, self.pool)
+        files = self.writer.write(part.shard.uri, part.index, tables)
+        return pa.table([[part.shard.uri], pa.array([part.index], pa.int32()), [json.dumps(files)],
+                         [json.dumps(counts)], [json.dumps(sums.tolist())]], schema=RESULT_SCHEMA)
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def analyze_job(spec: JobSpec) -> dict:
+    """Stream the job's images through the attention path; write tables, figures and the page."""
+    import ray
+
+    from pipeline.labels import plan_labels
+    from pipeline.page import write_page
+    from pipeline.plan import plan_resources
+    from pipeline.runner import check_uris, configure_data, init_ray, read_stage
+    from pipeline.sources import list_shards
+
+    t0 = time.time()
+    check_uris(spec)
+    ckpt = load_model(spec.model)
+    shards = list_shards(spec.source)
+    labels = plan_labels(spec.source, shards, ckpt)
+    fs, out = fsspec.core.url_to_fs(spec.output.uri)
+    root = f"{out.rstrip('/')}/analysis"
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    init_ray(spec)
+    plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], ckpt.config)
+    configure_data(spec, plan)
+    writer = {"uri": fs.unstrip_protocol(root), "run_id": run_id, "row_group_rows": spec.output.row_group_rows,
+              "metadata": {"run_id": run_id, "model_id": ckpt.model_id, "analysis": FORMAT}}
+    ds = read_stage(spec, shards, plan, labels.to_index if labels else None).map_batches(
+        Analyzer, batch_size=1, batch_format="pyarrow",
+        fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads,
+                               "call_size": max(1, plan.call_size // 4), "writer": writer},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(plan.actors, len(shards)),
+                                           initial_size=min(plan.actors, len(shards)),
+                                           max_tasks_in_flight_per_actor=2),
+        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
+    cfg = ckpt.config
+    sums, seen, files = np.zeros((cfg.depth, cfg.heads)), set(), []
+    counts = {"records": 0, "ok": 0, "errors": 0}
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+        for r in table.to_pylist():
+            if (r["shard"], r["part"]) in seen:  # a part Ray ran twice: the first report counts
+                continue
+            seen.add((r["shard"], r["part"]))
+            sums += np.asarray(json.loads(r["distance_sums"]))
+            files += json.loads(r["files"])
+            for k, v in json.loads(r["counts"]).items():
+                counts[k] += v
+        if spec.ray.progress:
+            print(f"\ranalyze: {counts['records']} images, {len(seen)} parts", end="", file=sys.stderr, flush=True)
+    if spec.ray.progress:
+        print(file=sys.stderr)
+    commit_files(fs, root, run_id, files)
+    probe = Probe(ckpt)
+    tables = {
+        "attention_distance": distance_table(sums, counts["ok"]),
+        "position_similarity": similarity_table(position_similarity(probe.vit.pos_embed.detach()), cfg.grid),
+        "rollout": rollout_table(probe, sample_images(spec, shards, ckpt.preprocess, spec.analyze.samples)),
+        "knn": knn_table(fs, root, [f for f in files if f["kind"] == "ok"], spec),
+    }
+    for name, t in tables.items():
+        with fs.open(f"{root}/{name}.parquet", "wb") as f:
+            pq.write_table(t, f)
+    manifest = {
+        "format": FORMAT, "run_id": run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "job": spec.model_dump(mode="json"),
+        "model": {"id": ckpt.model_id, "source": ckpt.source, "config": cfg.to_dict()},
+        "counts": counts, "shards": len(shards), "wall_s": round(time.time() - t0, 3),
+        "attention_distance": tables["attention_distance"].to_pylist(),
+        "knn": tables["knn"].to_pylist(),
+        "tables": [f"{name}.parquet" for name in tables],
+        "files": [f | {"path": f"{'embeddings' if f['kind'] == 'ok' else 'errors'}/{posixpath.basename(f['path'])}"}
+                  for f in files],
+    }
+    fs.pipe_file(f"{root}/_manifest.json", json.dumps(manifest, indent=2).encode())
+    write_page(fs.unstrip_protocol(root))
+    return manifest
+
+
+def commit_files(fs: fsspec.AbstractFileSystem, root: str, run_id: str, files: list[dict]) -> None:
+    """This run's part files from _pending/RUN into embeddings/ and errors/; earlier runs' leave."""
+    keep = set()
+    for f in files:
+        dest = f"{root}/{'embeddings' if f['kind'] == 'ok' else 'errors'}/{posixpath.basename(f['path'])}"
+        fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+        fs.mv(f"{root}/_pending/{run_id}/{f['path']}", dest)
+        keep.add(dest)
+    fs.invalidate_cache()
+    for pattern in ("embeddings/part-*.parquet", "errors/part-*.parquet"):
+        for p in fs.glob(f"{root}/{pattern}"):
+            if p not in keep:
+                fs.rm_file(p)
+    if fs.exists(f"{root}/_pending"):
+        remove_tree(fs, f"{root}/_pending")
+
+
+def distance_table(sums: np.ndarray, images: int) -> pa.Table:
+    L, H = sums.shape
+    mean = sums / max(images, 1)  # (L, H)
+    return pa.table({"layer": pa.array(np.repeat(np.arange(L), H), pa.int32()),
+                     "head": pa.array(np.tile(np.arange(H), L), pa.int32()),
+                     "mean_distance_px": pa.array(mean.reshape(-1), pa.float64()),
+                     "images": pa.array([images] * (L * H), pa.int64())})
+
+
+def similarity_table(sim: np.ndarray, grid: int) -> pa.Table:
+    n = len(sim)
+    return pa.table({"position": pa.array(np.arange(n), pa.int32()),
+                     "row": pa.array(np.arange(n) // grid, pa.int32()), "col": pa.array(np.arange(n) % grid, pa.int32()),
+                     "similarity": pa.FixedSizeListArray.from_arrays(pa.array(sim.reshape(-1), pa.float32()), n)})
+
+
+def sample_images(spec: JobSpec, shards: list[Shard], pre: Preprocess, n: int) -> list[dict]:
+    """The first n decodable images listed, with their key (the rollout's sample)."""
+    out: list[dict] = []
+    for shard in shards:
+        for part in read_parts(shard, spec.source):
+            r = part.records
+            for i in range(r.num_rows):
+                if len(out) >= n:
+                    return out
+                if r["status"][i].as_py() != "record":
+                    continue
+                try:
+                    pixels = decode_image(r["image"][i].as_py(), pre)  # (S, S, 3)
+                except DecodeError:
+                    continue
+                out.append({"key": r["key"][i].as_py(), "member": r["member"][i].as_py(),
+                            "label": r["label"][i].as_py(), "pixels": pixels})
+    return out
+
+
+def rollout_table(probe: Probe, samples: list[dict]) -> pa.Table:
+    from PIL import Image
+
+    grid = probe.ckpt.config.grid
+    maps = rollout(probe.run(np.stack([s["pixels"] for s in samples]))[2]).cpu().numpy() if samples else []
+    pngs = []
+    for s in samples:
+        buf = io.BytesIO()
+        Image.fromarray(s["pixels"]).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    flat = np.asarray(maps, np.float32).reshape(-1)
+    return pa.table({"sample": pa.array(range(len(samples)), pa.int32()),
+                     "key": pa.array([s["key"] for s in samples], pa.string()),
+                     "member": pa.array([s["member"] for s in samples], pa.string()),
+                     "label": pa.array([s["label"] for s in samples], pa.int64()),
+                     "grid": pa.array([grid] * len(samples), pa.int32()),
+                     "image": pa.array(pngs, pa.binary()),
+                     "rollout": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), grid * grid)})
+
+
+KNN_SCHEMA = pa.schema([("embedding", pa.string()), ("k", pa.int32()), ("accuracy", pa.float64()),
+                        ("train_images", pa.int64()), ("test_images", pa.int64()), ("note", pa.string())])
+
+
+def knn_table(fs: fsspec.AbstractFileSystem, root: str, files: list[dict], spec: JobSpec) -> pa.Table:
+    """Class token vs mean of patches, by kNN accuracy on the labeled images (none: no rows)."""
+    a = spec.analyze
+    paths = [f"{root}/embeddings/{posixpath.basename(f['path'])}" for f in files]
+    if not paths:
+        return KNN_SCHEMA.empty_table()
+    chunks, have = [], 0
+    for p in sorted(paths):  # read back only as far as the bound: the driver never holds the whole dataset
+        with fs.open(p, "rb") as f:
+            t = pq.read_table(f, columns=["key", "label", "cls", "mean"])
+        t = t.filter(t["label"].is_valid())
+        chunks.append(t)
+        have += t.num_rows
+        if have >= a.knn_max_images:
+            break
+    t = pa.concat_tables(chunks).slice(0, a.knn_max_images)
+    if t.num_rows < 10:
+        return KNN_SCHEMA.empty_table()
+    test = np.array([held_out(k, a.knn_holdout) for k in t["key"].to_pylist()])
+    y = t["label"].to_numpy()
+    rows = []
+    for name in ("cls", "mean"):
+        x = np.asarray(t[name].combine_chunks().flatten().to_numpy(), np.float32).reshape(t.num_rows, -1)  # (n, D)
+        if test.all() or not test.any():
+            continue
+        acc = knn_accuracy(x[~test], y[~test], x[test], y[test], a.knn_k)
+        rows.append({"embedding": name, "k": a.knn_k, "accuracy": round(acc, 4), "train_images": int((~test).sum()),
+                     "test_images": int(test.sum()),
+                     "note": "class token" if name == "cls" else "mean of patch tokens"})
+    return pa.Table.from_pylist(rows, schema=KNN_SCHEMA)
+
+
+def summary(manifest: dict, uri: str) -> str:
+    """What `vitpipe analyze` prints: the distance table (layers x heads) and the kNN figures."""
+    c = manifest["counts"]
+    lines = [f"analyze {manifest['run_id']}: {c['ok']} images ({c['errors']} errors) of {manifest['shards']} "
+             f"shard(s) in {manifest['wall_s']:.1f} s -> {uri}", "",
+             "mean attention distance (pixels), layer x head:"]
+    rows = manifest["attention_distance"]
+    heads = max(r["head"] for r in rows) + 1
+    lines.append("  layer " + "".join(f"{f'head {h}':>9}" for h in range(heads)))
+    for layer in range(max(r["layer"] for r in rows) + 1):
+        vals = [r["mean_distance_px"] for r in rows if r["layer"] == layer]
+        lines.append(f"  {layer:5d} " + "".join(f"{v:9.2f}" for v in vals))
+    cfg = manifest["model"]["config"]
+    grid = cfg["image_size"] // cfg["patch_size"]
+    uniform = patch_distances(grid, cfg["patch_size"]).mean().item()
+    lines.append(f"  (a head attending to every patch alike: {uniform:.2f} px; the image is {cfg['image_size']} px)")
+    knn = manifest["knn"]
+    if knn:
+        lines += ["", f"k-nearest neighbours (k={knn[0]['k']}, cosine; {knn[0]['train_images']} train, "
+                      f"{knn[0]['test_images']} held-out images):"]
+        lines += [f"  {r['note']:22s} accuracy {r['accuracy']:.4f}" for r in knn]
+    else:
+        lines += ["", "k-nearest neighbours: no labels in this source (or under 10 labeled images): not compared"]
+    return "\n".join(lines)
