@@ -158,8 +158,8 @@ def _gate(g: dict | None) -> str:
 def throughput_figure(timeline: list[list[float]], first_row: float | None, full_speed: float | None) -> bytes:
     """Images done over time (a step per finished part) and the rate between parts; the start-up
     before the first row shaded, full speed marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.2))
+    fig = _figure(figsize=(9, 3.2))
+    ax = fig.subplots()
     if timeline:
         ts = np.array([0.0] + [p[0] for p in timeline])
         ns = np.array([0] + [p[1] for p in timeline])
@@ -232,12 +232,14 @@ def analysis_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> s
 
 def distance_figure(rows: list[dict], cfg: dict) -> bytes:
     """Mean attention distance against depth, one dot per head (the paper's Fig. 7, right)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
     layers = np.array([r["layer"] for r in rows])
     heads = np.array([r["head"] for r in rows])
     values = np.array([r["mean_distance_px"] for r in rows])
-    cmap = plt.get_cmap("tab20")
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
     for h in range(heads.max() + 1):
         sel = heads == h
         ax.scatter(layers[sel], values[sel], s=18, color=cmap(h % 20), label=f"head {h}")
@@ -255,11 +257,11 @@ def distance_figure(rows: list[dict], cfg: dict) -> bytes:
 
 def similarity_figure(table: Any, grid: int) -> bytes:
     """Each position's cosine similarity to every position, as a grid x grid map, laid out as the grid."""
-    plt = _pyplot()
     sim = np.asarray(table["similarity"].combine_chunks().flatten().to_numpy(), np.float32).reshape(grid * grid,
                                                                                                      grid, grid)
     side = min(9, 0.45 * grid + 1)
-    fig, axes = plt.subplots(grid, grid, figsize=(side, side), squeeze=False)
+    fig = _figure(figsize=(side, side))
+    axes = fig.subplots(grid, grid, squeeze=False)
     for p in range(grid * grid):
         ax = axes[p // grid][p % grid]
         ax.imshow(sim[p], vmin=-1, vmax=1, cmap="viridis")
@@ -273,15 +275,16 @@ def rollout_figure(table: Any) -> bytes:
     """Each sample image beside its rollout map laid over it."""
     from PIL import Image
 
-    plt = _pyplot()
     rows = table.to_pylist()
     if not rows:
-        fig, ax = plt.subplots(figsize=(4, 1))
+        fig = _figure(figsize=(4, 1))
+        ax = fig.subplots()
         ax.text(0.5, 0.5, "no sample image", ha="center")
         return _png(fig)
     cols = min(8, len(rows))
     lines = -(-len(rows) // cols)
-    fig, axes = plt.subplots(lines, cols, figsize=(1.6 * cols, 1.8 * lines), squeeze=False)
+    fig = _figure(figsize=(1.6 * cols, 1.8 * lines))
+    axes = fig.subplots(lines, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, r in enumerate(rows):
@@ -307,21 +310,24 @@ def uniform_distance(grid: int, patch_size: int) -> float:
 # --- plumbing -------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    """matplotlib without a display, imported only when a page is drawn."""
-    import matplotlib
+def _figure(**kw):
+    """A matplotlib Figure drawn by Agg, without pyplot (no global state, no display, half the
+    import time): imported only when a page is drawn, or ahead by `warm`."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return Figure(**kw)
 
-    return plt
+
+def warm() -> None:
+    """Import the plotting library ahead of the commit (called while the run streams, when the
+    driver has nothing to do), so the page costs the run's end only its drawing."""
+    _figure()
 
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
-    _pyplot().close(fig)
     return buf.getvalue()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +25,9 @@ from typing import TYPE_CHECKING
 import ray
 from tqdm import tqdm
 
+from pipeline import page
 from pipeline.cluster import connect
 from pipeline.config import JobSpec
-from pipeline.page import write_page
 from pipeline.plan import Plan, plan_resources
 from pipeline.report import RunReport, full_speed_at, timeline_points
 from pipeline.sink import ParquetSink, versions
@@ -180,7 +181,7 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
         sink.abort(e)
         raise
     try:
-        write_page(spec.output.uri)
+        page.write_page(spec.output.uri)
     except Exception as e:  # the output is committed: a page that fails to draw must not fail the run
         print(f"report page: not written ({type(e).__name__}: {e}); the output is committed and complete; "
               f"rebuild the page with: vitpipe report {spec.output.uri}", file=sys.stderr)
@@ -246,7 +247,10 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
                                            "first (engine.gate.placement actors); this is a bug, please report it")
                     engine_check = gate.finish(check, calibration)  # the driver thread's check
                 sink.add(result)
-                timing.setdefault("first_row", round(time.time() - t0, 3))
+                if "first_row" not in timing:
+                    timing["first_row"] = round(time.time() - t0, 3)
+                    # the page's plotting library, imported while the driver waits on the actors
+                    threading.Thread(target=page.warm, name="page-warm", daemon=True).start()
             c = sink.counts
             bar.update(c.records + sum(c.skipped.values()) - bar.n)
             bar.set_postfix(ok=c.ok, errors=c.error_rows, shards=f"{len(sink.done)}/{total}", refresh=False)
