@@ -22,7 +22,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     report = run_job(spec)
     print(report.summary())
-    print(f"\nmanifest: {spec.output.uri.rstrip('/')}/_manifest.json   inspect: vitpipe inspect {spec.output.uri}")
+    out = spec.output.uri.rstrip("/")
+    print(f"\nmanifest: {out}/_manifest.json   page: {out}/report.html   inspect: vitpipe inspect {out}")
     return 0
 
 
@@ -209,7 +210,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Output: {output_uri}  (part-*.parquet, errors/, _manifest.json, _SUCCESS)
         Query it without Ray, e.g. with DuckDB:
           python -c "import duckdb; print(duckdb.sql(\\"SELECT topk_labels[1] AS predicted, count(*) FROM '{output_uri}/part-*.parquet' GROUP BY 1 ORDER BY 1\\"))"
-        or: vitpipe inspect {output_uri}"""))
+        or: vitpipe inspect {output_uri}
+        The run's page (open it in a browser): {output_uri}/report.html
+        What the model attends to, and class token vs mean of patches (from the repository's folder):
+          vitpipe analyze jobs/analyze-digits.yaml --set source.uri={shards_uri} --set output.uri={output_uri}"""))
     if report.top1_accuracy is None or report.top1_accuracy < 0.5:
         print("demo: accuracy is far below what the bundled model reaches; something is wrong", file=sys.stderr)
         return 1
