@@ -199,3 +199,34 @@ def test_analyze_digits_writes_tables_figures_and_pages_that_agree_with_direct_c
     assert render(str(out / "report.html")) == {"figures": 1, "figures-drawn": 1}
     assert render(str(a / "report.html")) == {"figures": 3, "figures-drawn": 3}
     json.loads((a / "_manifest.json").read_text())  # still valid after the rebuild
+
+
+@pytest.mark.heavy
+def test_analyze_on_s3_replaces_its_previous_analysis_and_the_page_rebuilds_there(ray_cluster, s3):
+    from pipeline.analyze import analyze_job
+    from pipeline.cli import main
+
+    bucket = "vitpipe-analyze"
+    s3.mkdir(bucket)
+    write_shards(digit_jpegs("test")[:120], f"s3://{bucket}/in", n_shards=2)
+    spec = JobSpec.model_validate({
+        "source": {"uri": f"s3://{bucket}/in", "records_per_part": 40}, "model": {"checkpoint": "builtin:digits"},
+        "output": {"uri": f"s3://{bucket}/out"}, "ray": {"address": ray_cluster.address, "progress": False},
+        "analyze": {"samples": 3}})
+    first = analyze_job(spec)
+    second = analyze_job(spec)
+    s3.invalidate_cache()
+    embeddings = s3.glob(f"{bucket}/out/analysis/embeddings/*.parquet")
+    assert len(embeddings) == 4  # 2 shards x 2 parts: the second analysis's files only
+    assert {f"{bucket}/out/analysis/{f['path']}" for f in second["files"]} == set(embeddings)
+    assert [r["mean_distance_px"] for r in first["attention_distance"]] == pytest.approx(
+        [r["mean_distance_px"] for r in second["attention_distance"]])
+    con = duckdb.connect()
+    con.register_filesystem(s3)
+    n, keys = con.sql(f"SELECT count(*), count(DISTINCT key) FROM 's3://{bucket}/out/analysis/embeddings/*.parquet'"
+                      ).fetchall()[0]
+    assert n == keys == 120
+    s3.rm(f"{bucket}/out/analysis/report.html")
+    assert main(["report", f"s3://{bucket}/out/analysis"]) == 0
+    s3.invalidate_cache()
+    assert b"data:image/png;base64," in s3.cat(f"{bucket}/out/analysis/report.html")
