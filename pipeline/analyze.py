@@ -36,10 +36,10 @@ import hashlib
 import io
 import json
 import posixpath
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import fsspec
@@ -49,13 +49,13 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import JobSpec
-from pipeline.decode import DecodeError, Preprocess, decode_image, decode_records
-from pipeline.engines.base import normalization_constants
+from pipeline.decode import Preprocess, decode_records, first_images
+from pipeline.engines.torch_engine import UInt8ViT, resolve_device
 from pipeline.model.checkpoints import Checkpoint, load_model
 from pipeline.model.vit import ViT
 from pipeline.predict import error_table
-from pipeline.sources import Part, Shard, parts_of, read_parts
-from pipeline.storage import remove_tree
+from pipeline.sources import Part, parts_of
+from pipeline.storage import sweep
 from pipeline.write import PartWriter
 
 FORMAT = "vitpipe-analysis/1"
@@ -128,22 +128,23 @@ def held_out(key: str, share: float) -> bool:
 
 
 class Probe:
-    """The checkpoint's ViT in fp32, taking uint8 images and giving both embeddings and the maps."""
+    """The checkpoint's ViT in fp32 as the torch engine holds it (uint8 in, normalization inside),
+    asked for both embeddings and the attention maps."""
 
     def __init__(self, ckpt: Checkpoint, device: str = "cpu"):
         self.ckpt, self.device = ckpt, torch.device(device)
-        self.vit: ViT = ckpt.build().to(self.device).eval()
-        scale, shift = normalization_constants(ckpt)
-        self.scale = torch.from_numpy(scale).to(self.device)  # (1, 3, 1, 1)
-        self.shift = torch.from_numpy(shift).to(self.device)
+        self.net = UInt8ViT(ckpt).to(self.device).eval()
         cfg = ckpt.config
         self.distances = patch_distances(cfg.grid, cfg.patch_size).to(self.device)  # (N, N)
+
+    @property
+    def vit(self) -> ViT:
+        return self.net.vit
 
     @torch.inference_mode()
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor]]:
         """(B, S, S, 3) uint8 -> (class token (B, D), mean of patches (B, D), maps [(B, H, T, T)] * L)."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float() * self.scale + self.shift  # (B, 3, S, S)
+        x = self.net.normalize(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))  # (B, 3, S, S)
         tokens, maps = self.vit.forward_features(x, return_attn=True)  # (B, 1+N, D), [(B, H, T, T)]
         cls, mean = self.vit.pool(tokens, "cls"), self.vit.pool(tokens, "gap")  # (B, D) each
         return cls.float().cpu().numpy(), mean.float().cpu().numpy(), maps
@@ -179,8 +180,6 @@ class Analyzer:
     """The Ray actor of `analyze`: where `run` has predict.Predictor."""
 
     def __init__(self, job: dict, threads: int, call_size: int, writer: dict):
-        from pipeline.engines.torch_engine import resolve_device
-
         spec = JobSpec.model_validate(job)
         torch.set_num_threads(max(1, threads))
         self.ckpt = load_model(spec.model)
@@ -206,55 +205,52 @@ def analyze_job(spec: JobSpec) -> dict:
     """Stream the job's images through the attention path; write tables, figures and the page."""
     import ray
 
-    from pipeline.labels import plan_labels
     from pipeline.page import write_page
     from pipeline.plan import plan_resources
-    from pipeline.runner import check_uris, configure_data, init_ray, read_stage
-    from pipeline.sources import list_shards
+    from pipeline.runner import (
+        check_uris,
+        configure_data,
+        model_stage,
+        prepare_beside_ray,
+        progress_bar,
+        read_stage,
+    )
 
     t0 = time.time()
     check_uris(spec)
-    ckpt = load_model(spec.model)
-    shards = list_shards(spec.source)
-    labels = plan_labels(spec.source, shards, ckpt)
+    ckpt, shards, labels = prepare_beside_ray(spec, partial(_prepare, spec))
     fs, out = fsspec.core.url_to_fs(spec.output.uri)
     root = f"{out.rstrip('/')}/analysis"
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    init_ray(spec)
     plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], ckpt.config)
     configure_data(spec, plan)
     writer = {"uri": fs.unstrip_protocol(root), "run_id": run_id, "row_group_rows": spec.output.row_group_rows,
               "metadata": {"run_id": run_id, "model_id": ckpt.model_id, "analysis": FORMAT}}
-    ds = read_stage(spec, shards, plan, labels.to_index if labels else None).map_batches(
-        Analyzer, batch_size=1, batch_format="pyarrow",
-        fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads,
-                               "call_size": max(1, plan.call_size // 4), "writer": writer},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(plan.actors, len(shards)),
-                                           initial_size=min(plan.actors, len(shards)),
-                                           max_tasks_in_flight_per_actor=2),
-        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
+    # a quarter of `run`'s call size: the attention maps, (B, H, T, T) per layer, are kept until summed
+    kwargs = {"job": spec.model_dump(), "threads": plan.threads, "call_size": max(1, plan.call_size // 4),
+              "writer": writer}
+    ds = model_stage(read_stage(spec, shards, plan, labels.to_index if labels else None), Analyzer, kwargs,
+                     plan, len(shards))
     cfg = ckpt.config
     sums, seen, files = np.zeros((cfg.depth, cfg.heads)), set(), []
     counts = {"records": 0, "ok": 0, "errors": 0}
-    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-        for r in table.to_pylist():
-            if (r["shard"], r["part"]) in seen:  # a part Ray ran twice: the first report counts
-                continue
-            seen.add((r["shard"], r["part"]))
-            sums += np.asarray(json.loads(r["distance_sums"]))
-            files += json.loads(r["files"])
-            for k, v in json.loads(r["counts"]).items():
-                counts[k] += v
-        if spec.ray.progress:
-            print(f"\ranalyze: {counts['records']} images, {len(seen)} parts", end="", file=sys.stderr, flush=True)
-    if spec.ray.progress:
-        print(file=sys.stderr)
-    commit_files(fs, root, run_id, files)
+    with progress_bar(spec) as bar:
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            for r in table.to_pylist():
+                if (r["shard"], r["part"]) in seen:  # a part Ray ran twice: the first report counts
+                    continue
+                seen.add((r["shard"], r["part"]))
+                sums += np.asarray(json.loads(r["distance_sums"]))
+                files += json.loads(r["files"])
+                for k, v in json.loads(r["counts"]).items():
+                    counts[k] += v
+            bar.update(counts["records"] - bar.n)
+    files = commit_files(fs, root, run_id, files)
     probe = Probe(ckpt)
     tables = {
         "attention_distance": distance_table(sums, counts["ok"]),
         "position_similarity": similarity_table(position_similarity(probe.vit.pos_embed.detach()), cfg.grid),
-        "rollout": rollout_table(probe, sample_images(spec, shards, ckpt.preprocess, spec.analyze.samples)),
+        "rollout": rollout_table(probe, first_images(spec.source, shards, ckpt.preprocess, spec.analyze.samples)),
         "knn": knn_table(fs, root, [f for f in files if f["kind"] == "ok"], spec),
     }
     for name, t in tables.items():
@@ -266,31 +262,38 @@ def analyze_job(spec: JobSpec) -> dict:
         "model": {"id": ckpt.model_id, "source": ckpt.source, "config": cfg.to_dict()},
         "counts": counts, "shards": len(shards), "wall_s": round(time.time() - t0, 3),
         "attention_distance": tables["attention_distance"].to_pylist(),
+        # a head attending to every patch alike: the reference line of the figure and the summary
+        "uniform_distance_px": round(probe.distances.mean().item(), 4),
         "knn": tables["knn"].to_pylist(),
         "tables": [f"{name}.parquet" for name in tables],
-        "files": [f | {"path": f"{'embeddings' if f['kind'] == 'ok' else 'errors'}/{posixpath.basename(f['path'])}"}
-                  for f in files],
+        "files": files,
     }
     fs.pipe_file(f"{root}/_manifest.json", json.dumps(manifest, indent=2).encode())
     write_page(fs.unstrip_protocol(root))
     return manifest
 
 
-def commit_files(fs: fsspec.AbstractFileSystem, root: str, run_id: str, files: list[dict]) -> None:
-    """This run's part files from _pending/RUN into embeddings/ and errors/; earlier runs' leave."""
-    keep = set()
+def _prepare(spec: JobSpec) -> tuple[Checkpoint, list, Any]:
+    """The model, the shards and their label map: loaded while Ray starts (runner.prepare_beside_ray)."""
+    from pipeline.labels import plan_labels
+    from pipeline.sources import list_shards
+
+    ckpt = load_model(spec.model)
+    shards = list_shards(spec.source)
+    return ckpt, shards, plan_labels(spec.source, shards, ckpt)
+
+
+def commit_files(fs: fsspec.AbstractFileSystem, root: str, run_id: str, files: list[dict]) -> list[dict]:
+    """This run's part files from _pending/RUN into embeddings/ and errors/, earlier runs' swept;
+    returns the files with their paths there (relative to OUT/analysis)."""
+    committed = []
     for f in files:
-        dest = f"{root}/{'embeddings' if f['kind'] == 'ok' else 'errors'}/{posixpath.basename(f['path'])}"
-        fs.makedirs(posixpath.dirname(dest), exist_ok=True)
-        fs.mv(f"{root}/_pending/{run_id}/{f['path']}", dest)
-        keep.add(dest)
-    fs.invalidate_cache()
-    for pattern in ("embeddings/part-*.parquet", "errors/part-*.parquet"):
-        for p in fs.glob(f"{root}/{pattern}"):
-            if p not in keep:
-                fs.rm_file(p)
-    if fs.exists(f"{root}/_pending"):
-        remove_tree(fs, f"{root}/_pending")
+        rel = f"{'embeddings' if f['kind'] == 'ok' else 'errors'}/{posixpath.basename(f['path'])}"
+        fs.makedirs(posixpath.dirname(f"{root}/{rel}"), exist_ok=True)
+        fs.mv(f"{root}/_pending/{run_id}/{f['path']}", f"{root}/{rel}")
+        committed.append(f | {"path": rel})
+    sweep(fs, root, ("embeddings/part-*.parquet", "errors/part-*.parquet"), {f["path"] for f in committed})
+    return committed
 
 
 def distance_table(sums: np.ndarray, images: int) -> pa.Table:
@@ -309,41 +312,22 @@ def similarity_table(sim: np.ndarray, grid: int) -> pa.Table:
                      "similarity": pa.FixedSizeListArray.from_arrays(pa.array(sim.reshape(-1), pa.float32()), n)})
 
 
-def sample_images(spec: JobSpec, shards: list[Shard], pre: Preprocess, n: int) -> list[dict]:
-    """The first n decodable images listed, with their key (the rollout's sample)."""
-    out: list[dict] = []
-    for shard in shards:
-        for part in read_parts(shard, spec.source):
-            r = part.records
-            for i in range(r.num_rows):
-                if len(out) >= n:
-                    return out
-                if r["status"][i].as_py() != "record":
-                    continue
-                try:
-                    pixels = decode_image(r["image"][i].as_py(), pre)  # (S, S, 3)
-                except DecodeError:
-                    continue
-                out.append({"key": r["key"][i].as_py(), "member": r["member"][i].as_py(),
-                            "label": r["label"][i].as_py(), "pixels": pixels})
-    return out
-
-
-def rollout_table(probe: Probe, samples: list[dict]) -> pa.Table:
+def rollout_table(probe: Probe, samples: list[tuple[dict, np.ndarray]]) -> pa.Table:
+    """The rollout of each sample image (decode.first_images), with the image itself as PNG."""
     from PIL import Image
 
     grid = probe.ckpt.config.grid
-    maps = rollout(probe.run(np.stack([s["pixels"] for s in samples]))[2]).cpu().numpy() if samples else []
+    maps = rollout(probe.run(np.stack([px for _, px in samples]))[2]).cpu().numpy() if samples else []
     pngs = []
-    for s in samples:
+    for _, pixels in samples:
         buf = io.BytesIO()
-        Image.fromarray(s["pixels"]).save(buf, "PNG")
+        Image.fromarray(pixels).save(buf, "PNG")
         pngs.append(buf.getvalue())
     flat = np.asarray(maps, np.float32).reshape(-1)
     return pa.table({"sample": pa.array(range(len(samples)), pa.int32()),
-                     "key": pa.array([s["key"] for s in samples], pa.string()),
-                     "member": pa.array([s["member"] for s in samples], pa.string()),
-                     "label": pa.array([s["label"] for s in samples], pa.int64()),
+                     "key": pa.array([r["key"] for r, _ in samples], pa.string()),
+                     "member": pa.array([r["member"] for r, _ in samples], pa.string()),
+                     "label": pa.array([r["label"] for r, _ in samples], pa.int64()),
                      "grid": pa.array([grid] * len(samples), pa.int32()),
                      "image": pa.array(pngs, pa.binary()),
                      "rollout": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), grid * grid)})
@@ -356,7 +340,7 @@ KNN_SCHEMA = pa.schema([("embedding", pa.string()), ("k", pa.int32()), ("accurac
 def knn_table(fs: fsspec.AbstractFileSystem, root: str, files: list[dict], spec: JobSpec) -> pa.Table:
     """Class token vs mean of patches, by kNN accuracy on the labeled images (none: no rows)."""
     a = spec.analyze
-    paths = [f"{root}/embeddings/{posixpath.basename(f['path'])}" for f in files]
+    paths = [f"{root}/{f['path']}" for f in files]
     if not paths:
         return KNN_SCHEMA.empty_table()
     chunks, have = [], 0
@@ -397,10 +381,8 @@ def summary(manifest: dict, uri: str) -> str:
     for layer in range(max(r["layer"] for r in rows) + 1):
         vals = [r["mean_distance_px"] for r in rows if r["layer"] == layer]
         lines.append(f"  {layer:5d} " + "".join(f"{v:9.2f}" for v in vals))
-    cfg = manifest["model"]["config"]
-    grid = cfg["image_size"] // cfg["patch_size"]
-    uniform = patch_distances(grid, cfg["patch_size"]).mean().item()
-    lines.append(f"  (a head attending to every patch alike: {uniform:.2f} px; the image is {cfg['image_size']} px)")
+    lines.append(f"  (a head attending to every patch alike: {manifest['uniform_distance_px']:.2f} px; the image "
+                 f"is {manifest['model']['config']['image_size']} px)")
     knn = manifest["knn"]
     if knn:
         lines += ["", f"k-nearest neighbours (k={knn[0]['k']}, cosine; {knn[0]['train_images']} train, "

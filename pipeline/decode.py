@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
+from pipeline.config import SourceSpec
+
 # No torch here: read and decode actors import this module and must not pay for torch (~2 s each).
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -164,6 +166,28 @@ def decode_records(records: pa.Table, pre: Preprocess, pool: Executor | None = N
 
     list(pool.map(one, todo) if pool else map(one, todo))
     return pixels, cols
+
+
+def first_images(source: SourceSpec, shards: list, pre: Preprocess, n: int) -> list[tuple[dict, np.ndarray]]:
+    """The first n decodable images of the listed shards, in listing order, each with its record's
+    key, member and label: the accuracy gate's fixed batch, the analysis's rollout sample."""
+    from pipeline.sources import read_parts
+
+    out: list[tuple[dict, np.ndarray]] = []
+    for shard in shards:
+        for part in read_parts(shard, source):
+            r = part.records
+            for i, status in enumerate(r.column("status").to_pylist()):
+                if len(out) >= n:
+                    return out
+                if status != "record":
+                    continue
+                try:
+                    pixels = decode_image(r["image"][i].as_py(), pre)  # (S, S, 3)
+                except DecodeError:
+                    continue
+                out.append(({c: r[c][i].as_py() for c in ("key", "member", "label")}, pixels))
+    return out
 
 
 def fail(cols: dict[str, list], i: int, e: DecodeError) -> None:

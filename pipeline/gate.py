@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pipeline.config import JobSpec
-from pipeline.decode import DecodeError, Preprocess, decode_image
+from pipeline.decode import Preprocess, first_images
 from pipeline.engines.base import BuiltEngine, Engine
 from pipeline.engines.quantize import QUANTIZED
 from pipeline.model.checkpoints import Checkpoint, load_model
@@ -84,21 +84,7 @@ def needs_gate(spec: JobSpec) -> bool:
 
 def gate_images(spec: JobSpec, shards: list, pre: Preprocess, n: int) -> np.ndarray:
     """The first n decodable images of the job's own inputs: the gate's fixed batch (N, S, S, 3)."""
-    from pipeline.sources import read_parts
-
-    images: list[np.ndarray] = []
-    for shard in shards:
-        for part in read_parts(shard, spec.source):
-            for status, data in zip(part.records.column("status").to_pylist(), part.records.column("image"),
-                                    strict=True):
-                if status != "record":
-                    continue
-                try:
-                    images.append(decode_image(data.as_py(), pre))
-                except DecodeError:
-                    continue
-                if len(images) >= n:
-                    return np.stack(images)
+    images = [pixels for _, pixels in first_images(spec.source, shards, pre, n)]
     return np.stack(images) if images else np.zeros((0, pre.image_size, pre.image_size, 3), np.uint8)
 
 

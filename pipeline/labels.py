@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+import fsspec
 import pyarrow as pa
 
 
@@ -76,14 +77,14 @@ def plan_labels(source, shards: list, ckpt) -> LabelMap | None:
     """The label map a job needs, worked out on the driver before any read: folder names from the
     listing (images with label_from folder), ClassLabel names from the first Parquet file's schema.
     A model without label names takes the ClassLabel's (so top-k labels have names)."""
-    from pipeline.sources import relative_path
+    from pipeline.sources import relative_path, source_roots
 
     if source.format == "images" and source.label_from == "folder":
-        names = Counter(folder_of(relative_path(u, source)) for s in shards for u in s.files)
+        roots = source_roots(source)
+        names = Counter(folder_of(relative_path(fsspec.core.url_to_fs(u)[1], roots)) for s in shards for u in s.files)
         names.pop(None, None)
         return map_names(names, ckpt.labels, ckpt.config.num_classes, "folder")
     if source.format == "parquet" and source.label_column:
-        import fsspec
         import pyarrow.parquet as pq
 
         fs, path = fsspec.core.url_to_fs(shards[0].uri)

@@ -117,7 +117,8 @@ def holder_gone(held: dict) -> str | None:
     On another host nothing is provable from here, and the lease's expiry stands."""
     if held.get("host") != socket.gethostname() or "pid" not in held:
         return None
-    if held.get("boot_id") and boot_id() and held["boot_id"] != boot_id():
+    boot = boot_id()
+    if held.get("boot_id") and boot and held["boot_id"] != boot:
         return "this machine has rebooted since it took the lease"
     pid = int(held["pid"])
     try:
@@ -146,6 +147,21 @@ class Lease:
                            "pid_started": process_started(os.getpid()), "boot_id": boot_id(),
                            "expires_at": time.time() + self.ttl}).encode()
 
+    def _take_over(self, held: dict) -> None:
+        """Another run's lease: refuse while it lives; take it when it expired or its holder is
+        provably gone, then make sure this run won the race for it."""
+        gone = holder_gone(held)
+        if held.get("expires_at", 0) > time.time() and not gone:
+            raise LeaseHeld(
+                f"output is being written by run {held.get('run_id')} (host {held.get('host')}, pid "
+                f"{held.get('pid')}) until at least {time.strftime('%H:%M:%S', time.localtime(held['expires_at']))}; "
+                "two runs of one job never write at once. Wait for it, or if it died on another host, rerun after "
+                "the lease expires (output.lease_ttl_s)")
+        self.took_over = f"took over the lease of run {held.get('run_id')}: {gone or 'it expired without being renewed'}"
+        self.fs.rm_file(self.path)
+        if not put_if_absent(self.fs, self.path, self._body()):
+            raise LeaseHeld("another run took over the expired lease at the same moment; try again")
+
     def holder(self) -> dict | None:
         try:
             return json.loads(self.fs.cat_file(self.path))
@@ -156,26 +172,10 @@ class Lease:
         self.fs.invalidate_cache()
         if not put_if_absent(self.fs, self.path, self._body()):
             held = self.holder() or {}
-            if held.get("run_id") == self.run_id:
-                # Our own create succeeded, but its answer was lost (a dropped connection) and the
-                # client's retry met our own object: it is ours, not another run's.
-                pass
-            else:
-                gone = holder_gone(held)
-                if held.get("expires_at", 0) > time.time() and not gone:
-                    raise LeaseHeld(
-                        f"output is being written by run {held.get('run_id')} (host {held.get('host')}, pid "
-                        f"{held.get('pid')}) until at least "
-                        f"{time.strftime('%H:%M:%S', time.localtime(held['expires_at']))}; two runs of one job "
-                        "never write at once. Wait for it, or if it died on another host, rerun after the lease "
-                        "expires (output.lease_ttl_s)")
-                # The holder died without releasing (expired, or provably gone): take over, then make
-                # sure we won the race.
-                self.took_over = (f"took over the lease of run {held.get('run_id')}: "
-                                  f"{gone or 'it expired without being renewed'}")
-                self.fs.rm_file(self.path)
-                if not put_if_absent(self.fs, self.path, self._body()):
-                    raise LeaseHeld("another run took over the expired lease at the same moment; try again")
+            # Our own run id: our create succeeded but its answer was lost (a dropped connection) and
+            # the client's retry met our own object. It is ours, not another run's.
+            if held.get("run_id") != self.run_id:
+                self._take_over(held)
         time.sleep(0.05)
         if (self.holder() or {}).get("run_id") != self.run_id:
             raise LeaseHeld("another run took over the lease at the same moment; try again")

@@ -190,7 +190,8 @@ def analysis_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> s
     tables = {name: pq.read_table(fs.open(f"{root}/{name}.parquet", "rb"))
               for name in ("attention_distance", "position_similarity", "rollout", "knn")}
     cfg = manifest["model"]["config"]
-    figures = {"attention_distance": distance_figure(tables["attention_distance"].to_pylist(), cfg),
+    figures = {"attention_distance": distance_figure(tables["attention_distance"].to_pylist(), cfg,
+                                                         manifest["uniform_distance_px"]),
                "position_similarity": similarity_figure(tables["position_similarity"],
                                                         cfg["image_size"] // cfg["patch_size"]),
                "rollout": rollout_figure(tables["rollout"])}
@@ -211,7 +212,7 @@ def analysis_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> s
             "<p>For each head: attention weight x pixel distance between query and key patch centres, summed "
             "over keys, averaged over query patches and over every image (the paper's Fig. 7, right). "
             "Small: the head looks locally; near the dotted line (a head attending to every patch alike, "
-            f"{uniform_distance(cfg['image_size'] // cfg['patch_size'], cfg['patch_size']):.1f} px here): "
+            f"{manifest['uniform_distance_px']:.1f} px here): "
             "globally.</p>",
             _img(figures["attention_distance"], "attention distance by layer and head"),
             _table(["layer"] + [f"head {h}" for h in range(heads)], grid_rows),
@@ -230,7 +231,7 @@ def analysis_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> s
     return _page(f"vitpipe analyze {manifest['run_id']}", body)
 
 
-def distance_figure(rows: list[dict], cfg: dict) -> bytes:
+def distance_figure(rows: list[dict], cfg: dict, uniform: float) -> bytes:
     """Mean attention distance against depth, one dot per head (the paper's Fig. 7, right)."""
     fig = _figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -243,8 +244,7 @@ def distance_figure(rows: list[dict], cfg: dict) -> bytes:
     for h in range(heads.max() + 1):
         sel = heads == h
         ax.scatter(layers[sel], values[sel], s=18, color=cmap(h % 20), label=f"head {h}")
-    grid = cfg["image_size"] // cfg["patch_size"]
-    ax.axhline(uniform_distance(grid, cfg["patch_size"]), color="grey", linestyle=":", label="uniform attention")
+    ax.axhline(uniform, color="grey", linestyle=":", label="uniform attention")
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_ylim(0, cfg["image_size"] * 0.75)
@@ -299,12 +299,6 @@ def rollout_figure(table: Any) -> bytes:
         label = "" if r["label"] is None else f" ({r['label']})"
         ax.set_title(f"{posixpath.basename(r['key'])[-14:]}{label}", fontsize=7)
     return _png(fig)
-
-
-def uniform_distance(grid: int, patch_size: int) -> float:
-    """The mean attention distance of a head that attends to every patch alike: the reference line."""
-    yx = np.stack(np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij"), -1).reshape(-1, 2) * patch_size
-    return float(np.linalg.norm(yx[:, None] - yx[None], axis=-1).mean())
 
 
 # --- plumbing -------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 import ray
 from tqdm import tqdm
@@ -32,6 +34,8 @@ from pipeline.plan import Plan, plan_resources
 from pipeline.report import RunReport, full_speed_at, timeline_points
 from pipeline.sink import ParquetSink, versions
 from pipeline.sources import Shard, ShardReader, list_shards
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # torch comes with these: imported where used, in the thread that loads the model
     import numpy as np
@@ -58,21 +62,43 @@ def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str |
                             fn_constructor_kwargs={"preprocess": preprocess.to_dict()},
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.decoders,
                                                                initial_size=plan.decoders))
-    actors = min(plan.actors, len(shards))
-    return ds.map_batches(
-        Predictor, batch_size=1, batch_format="pyarrow",
-        fn_constructor_kwargs={"job": spec.model_dump(), "threads": plan.threads, "call_size": plan.call_size,
-                               "decode": plan.decode, "writer": writer, "backend": backend,
-                               "calibration": None if calibration is None else ray.put(calibration),
-                               "gate_images": None if gate_images is None else ray.put(gate_images)},
-        # min 1, not a fixed size: when a node dies and its actor cannot be placed again, the run goes on
-        # with the actors that remain instead of waiting for the lost capacity forever. Two parts in
-        # flight per actor (one running, the next one ready): a part is a large unit, and Ray's
-        # default of four let the first actor to start take the first parts of a short job alone.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors,
-                                           max_tasks_in_flight_per_actor=2),
-        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
-    )
+    return model_stage(ds, Predictor, {
+        "job": spec.model_dump(), "threads": plan.threads, "call_size": plan.call_size, "decode": plan.decode,
+        "writer": writer, "backend": backend, "calibration": None if calibration is None else ray.put(calibration),
+        "gate_images": None if gate_images is None else ray.put(gate_images)}, plan, len(shards))
+
+
+def model_stage(ds: ray.data.Dataset, actor: type, kwargs: dict, plan: Plan, n_shards: int) -> ray.data.Dataset:
+    """The model actors' stage, a part per call: predict.Predictor for `run`, analyze.Analyzer for
+    `analyze`. min 1, not a fixed size: when a node dies and its actor cannot be placed again, the
+    run goes on with the actors that remain instead of waiting for the lost capacity forever. Two
+    parts in flight per actor (one running, the next one ready): a part is a large unit, and Ray's
+    default of four let the first actor to start take the first parts of a short job alone."""
+    actors = min(plan.actors, n_shards)
+    return ds.map_batches(actor, batch_size=1, batch_format="pyarrow", fn_constructor_kwargs=kwargs,
+                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors,
+                                                             max_tasks_in_flight_per_actor=2),
+                          num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
+
+
+def progress_bar(spec: JobSpec) -> tqdm:
+    """vitpipe's one progress bar (Ray Data's own are off), on stderr, in images."""
+    return tqdm(desc=spec.name, unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)
+
+
+def prepare_beside_ray(spec: JobSpec, prepare: Callable[[], T], undo: Callable[[T], None] | None = None) -> T:
+    """Run `prepare` (load the model, list the shards, ...) in a thread while Ray starts in this
+    one: Ray takes seconds and needs none of it, and its processes die with the thread that
+    started them. If Ray fails to start, `undo` gets what `prepare` made (a lease to give back)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+        prepared = pool.submit(prepare)
+        try:
+            init_ray(spec)
+        except BaseException:
+            if undo and prepared.exception() is None:
+                undo(prepared.result())
+            raise
+    return prepared.result()
 
 
 def read_stage(spec: JobSpec, shards: list[Shard], plan: Plan, labels: dict[str, int] | None) -> ray.data.Dataset:
@@ -129,15 +155,8 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
     t0 = time.time()
     check_uris(spec)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
-        prepared = pool.submit(_prepare, spec, ckpt, run_id)
-        try:
-            init_ray(spec)
-        except BaseException:
-            if prepared.exception() is None:  # it took the lease: give it back
-                prepared.result()[2].close()
-            raise
-    ckpt, shards, sink, work, labels = prepared.result()
+    ckpt, shards, sink, work, labels = prepare_beside_ray(
+        spec, partial(_prepare, spec, ckpt, run_id), undo=lambda made: made[2].close())  # the lease back
     model_id = ckpt.model_id
     try:
         meta = {"run_id": run_id, "model_id": model_id, "model_source": ckpt.source,
@@ -234,7 +253,7 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
                        writer, calibration, gate_images, labels)
     timing = {"start": round(time.time() - t0, 3)}
     total = sum(1 for _ in todo)
-    bar = tqdm(desc=spec.name, unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)
+    bar = progress_bar(spec)
     try:
         # prefetch 0: a finished part reaches the sink as soon as it exists
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):

@@ -38,7 +38,7 @@ import pyarrow as pa
 from pipeline.config import OutputSpec
 from pipeline.ledger import Lease, Ledger, ShardEntry, shard_key
 from pipeline.sources import Shard
-from pipeline.storage import remove_tree
+from pipeline.storage import sweep
 from pipeline.write import pending_dir
 
 
@@ -220,7 +220,8 @@ class ParquetSink:
                     final[key] = e  # incremental keeps shards it did not list this time
                 elif key not in final:
                     self.ledger.delete(key)
-        self._sweep({f["path"] for e in final.values() for f in e.files})
+        # part files no ledger entry names (a dead run's leftovers), and all pending dirs
+        sweep(self.fs, self.root, ("part-*.parquet", "errors/part-*.parquet"), {f["path"] for e in final.values() for f in e.files})
         files = [f for e in sorted(final.values(), key=lambda e: e.uri) for f in e.files]
         totals = {"shards": len(final), "records": sum(e.records for e in final.values()),
                   "ok": sum(e.ok for e in final.values()), "errors": sum(e.errors for e in final.values()),
@@ -262,17 +263,6 @@ class ParquetSink:
         for path in staged:
             if path.endswith(".parquet") and path not in keep:
                 self.fs.rm_file(path)
-
-    def _sweep(self, keep: set[str]) -> None:
-        """Delete part files no ledger entry names (a dead run's leftovers), and all pending dirs."""
-        self.fs.invalidate_cache()
-        for pattern in ("part-*.parquet", "errors/part-*.parquet"):
-            for p in self.fs.glob(f"{self.root}/{pattern}"):
-                if p.removeprefix(self.root + "/") not in keep:  # (not relpath: it needs a cwd)
-                    self.fs.rm_file(p)
-        if self.fs.exists(f"{self.root}/_pending"):
-            remove_tree(self.fs, f"{self.root}/_pending")
-        self.fs.invalidate_cache()
 
     def _listing(self) -> set[str]:
         """Every file under the output from one recursive listing: on S3 one LIST per 1,000 keys,

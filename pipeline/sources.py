@@ -453,19 +453,25 @@ def _read_parquet(shard: Shard, source: SourceSpec, labels: dict[str, int]) -> I
                 y = ys[i] if ys else None
                 if y is not None and names:  # a ClassLabel: its name, then the model's index for it
                     y = labels.get(names[y]) if 0 <= y < len(names) else None
-                data, member = cell, f"row {row}"
-                if isinstance(cell, dict):  # datasets' Image feature
-                    data, member = cell.get("bytes"), cell.get("path") or member
-                    if data is None and cell.get("path"):
-                        try:
-                            data = _image_beside(fs, path, cell["path"])
-                        except OSError as e:
-                            yield Record(key, member, None, y, status="error", error_type="ReadError",
-                                         message=f"{shard.uri} row {row}: image path {cell['path']!r}: {e}")
-                            row += 1
-                            continue
-                yield Record(key, member, data, None if y is None else int(y))
+                member = (isinstance(cell, dict) and cell.get("path")) or f"row {row}"  # datasets' Image: its path
+                try:
+                    data = _image_of(cell, fs, path)
+                except OSError as e:
+                    yield Record(key, member, None, y, status="error", error_type="ReadError",
+                                 message=f"{shard.uri} row {row}: image path {cell['path']!r}: {e}")
+                else:
+                    yield Record(key, member, data, None if y is None else int(y))
                 row += 1
+
+
+def _image_of(cell: bytes | dict | None, fs, parquet_path: str) -> bytes | None:
+    """An image cell's bytes: plain bytes, or datasets' Image feature {bytes, path}, whose bytes may
+    be null with the image in a file it names (OSError when that file cannot be read)."""
+    if not isinstance(cell, dict):
+        return cell
+    if cell.get("bytes") is None and cell.get("path"):
+        return _image_beside(fs, parquet_path, cell["path"])
+    return cell.get("bytes")
 
 
 def _image_beside(fs, parquet_path: str, image_path: str) -> bytes:
@@ -480,18 +486,22 @@ def _image_beside(fs, parquet_path: str, image_path: str) -> bytes:
 
 # --- A folder of image files -----------------------------------------------------------------------
 
-def relative_path(uri: str, source: SourceSpec) -> str:
+def source_roots(source: SourceSpec) -> list[str]:
+    """The paths of the source's URIs: what an image file's key is relative to."""
+    return [fsspec.core.url_to_fs(u)[1].rstrip("/") for u in ([source.uri] if isinstance(source.uri, str) else source.uri)]
+
+
+def relative_path(path: str, roots: list[str]) -> str:
     """A file's path under the source root that lists it (its record key, less the extension)."""
-    roots = [fsspec.core.url_to_fs(u)[1].rstrip("/") for u in ([source.uri] if isinstance(source.uri, str) else source.uri)]
-    path = fsspec.core.url_to_fs(uri)[1]
     root = next((r for r in roots if path.startswith(r + "/")), None)
     return path[len(root) + 1 :] if root else posixpath.basename(path)
 
 
 def _read_images(shard: Shard, source: SourceSpec, labels: dict[str, int]) -> Iterator[Record]:
+    roots = source_roots(source)
     for uri in shard.files:
         fs, path = fsspec.core.url_to_fs(uri)
-        rel = relative_path(uri, source)
+        rel = relative_path(path, roots)
         key = rel.rsplit(".", 1)[0]
         label = labels.get(folder_of(rel) or "") if source.label_from == "folder" else None
         try:

@@ -62,3 +62,16 @@ def remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
             fs.rm_file(p)
     with contextlib.suppress(OSError):
         fs.rmdir(path)
+
+
+def sweep(fs: fsspec.AbstractFileSystem, root: str, patterns: tuple[str, ...], keep: set[str]) -> None:
+    """Delete the files under `root` that match `patterns` and that `keep` (paths relative to root)
+    does not name (a dead or earlier run's leftovers), then the staging folder `_pending`."""
+    fs.invalidate_cache()
+    for pattern in patterns:
+        for p in fs.glob(f"{root}/{pattern}"):
+            if p.removeprefix(root + "/") not in keep:  # (not relpath: it needs a cwd)
+                fs.rm_file(p)
+    if fs.exists(f"{root}/_pending"):
+        remove_tree(fs, f"{root}/_pending")
+    fs.invalidate_cache()

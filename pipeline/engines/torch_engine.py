@@ -26,9 +26,12 @@ class UInt8ViT(nn.Module):
         self.register_buffer("scale", torch.from_numpy(scale).to(dtype))  # (1, 3, 1, 1)
         self.register_buffer("shift", torch.from_numpy(shift).to(dtype))  # (1, 3, 1, 1)
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, S, S, 3) -> the ViT's input (B, 3, S, S) in its dtype."""
+        return images.permute(0, 3, 1, 2).to(self.scale.dtype) * self.scale + self.shift
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.permute(0, 3, 1, 2).to(self.scale.dtype) * self.scale + self.shift  # (B, 3, S, S)
-        emb, logits = self.vit(x)  # (B, D), (B, C)
+        emb, logits = self.vit(self.normalize(images))  # (B, D), (B, C)
         return emb.float(), logits.float()
 
 
