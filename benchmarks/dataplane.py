@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                                                               "[2000,4000]; 0 skips it")
     p.add_argument("--nodes", type=int, default=3, help="nodes of the cluster run (0 skips it) [3]")
     p.add_argument("--ti-images", type=int, default=1000, help="ViT-Ti/16 224 px workload (0 skips it) [1000]")
+    p.add_argument("--no-profile", action="store_true", help="skip the driver's profile (py-spy, one more "
+                                                               "vitpipe run at --images)")
     p.add_argument("--only", default="a,b,c,d", help="approaches on the digits workload [a,b,c,d]")
     p.add_argument("--out", default="benchmarks/results", help="where the JSON and Markdown go")
     p.add_argument("--name", default="dataplane", help="file name stem of the results")
@@ -268,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             if r.approach == "b vitpipe":
                 rest = sum(r.cpu_ms.get(k, 0.0) for k in ("driver", "read", "ray"))
                 derived.append(f"- {r.workload}: read + driver + Ray's own = {rest:.3f} CPU-ms per image")
+        if big and not args.no_profile:
+            derived.append(driver_roles(src, tmp / "spy", args.images))
+            save()
         if args.nodes > 1:
             rows.append(cluster_run(args.nodes, digit_shards(args.small or args.images, tmp), tmp))
             save()
@@ -279,6 +284,27 @@ def main(argv: list[str] | None = None) -> int:
             ti_table = (out_dir / f"{args.name}-vit_ti_16.md").read_text().split("\n", 2)[2]
     print(save())
     return 0
+
+
+def driver_roles(src: Path, out: Path, images: int) -> str:
+    """One more vitpipe run of the big size, its driver under py-spy: where the driver's CPU goes,
+    and Ray Data's scheduling loop per second of streaming (a cost per second, not per row)."""
+    from benchmarks.driver_profile import profile
+
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "jobs" / "label.yaml"), "--no-progress",
+           "--set", f"source.uri={src}", "--set", f"output.uri={out}", "--set", "output.mode=full",
+           "--set", "outputs.embeddings=true"]
+    try:
+        by_role = profile(cmd, cwd=ROOT)
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        return f"- driver profile: not taken ({e})"
+    report = json.loads((out / "_report.json").read_text())
+    streaming = report["wall_s"] - (report["time_to_first_row_s"] or 0)
+    loop = by_role.get("Ray Data's scheduling loop", 0.0)
+    return (f"- where the driver's CPU goes (py-spy on the driver of a separate {images}-image run, "
+            f"{sum(by_role.values()):.1f} CPU-s): " + ", ".join(f"{k} {v}" for k, v in by_role.items()) +
+            f"; Ray Data's scheduling loop: {loop / streaming:.3f} CPU-s per second of streaming "
+            f"({streaming:.1f} s from the first row to the end)")
 
 
 def cluster_run(nodes: int, src: Path, tmp: Path) -> Row:

@@ -48,3 +48,24 @@ def test_bench_gives_each_model_its_own_image_count_or_refuses():
         images_per_model("2000,640", models)
     with pytest.raises(SystemExit, match="one per model"):
         images_per_model("0", models)
+
+
+def test_the_driver_profile_sorts_samples_into_roles():
+    """py-spy's collapsed stacks -> CPU-s by role: an import counts as an import wherever it runs
+    (here inside the model load), Ray Data's loop as the loop, a stack without Python frames as
+    Ray's native threads; counts are samples at 50 per CPU-second."""
+    from benchmarks.driver_profile import roles
+
+    raw = [
+        "<module> (pipeline/cli.py:1);_prepare (pipeline/runner.py:9);load_model (pipeline/model/checkpoints.py:3);"
+        "_find_and_load (<frozen importlib._bootstrap>:1);<module> (torch/__init__.py:1) 100",
+        "Thread.run (threading.py:982);StreamingExecutor.run (ray/data/_internal/execution/streaming_executor.py:1);"
+        "ResourceManager.update_usages (ray/data/_internal/execution/resource_manager.py:252) 25",
+        "_process (pipeline/runner.py:250);ParquetSink.add (pipeline/sink.py:120) 5",
+        "load_model (pipeline/model/checkpoints.py:3);_from_ours (pipeline/model/checkpoints.py:160) 10",
+        " 50",
+        "something (elsewhere.py:1) 5",
+    ]
+    assert roles(raw) == {"Python imports": 2.0, "native threads (Ray's core worker)": 1.0,
+                          "Ray Data's scheduling loop": 0.5, "model load, listing, labels": 0.2,
+                          "part records and the sink": 0.1, "other": 0.1}
