@@ -110,15 +110,16 @@ def first_row(stdout: str) -> float | None:
     return float(line.split()[1]) if line else None
 
 
-def run_vitpipe(src: Path, out: Path, workload: str, sets: tuple[str, ...] = (), address: str | None = None) -> Row:
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "jobs" / "label.yaml"),
-           "--set", f"source.uri={src}", "--set", f"output.uri={out}", "--set", "output.mode=full",
-           "--set", "outputs.embeddings=true", "--no-progress"]
-    for s in sets:
+def vitpipe_cmd(src: Path, out: Path, sets: tuple[str, ...] = ()) -> list[str]:
+    """`vitpipe run jobs/label.yaml` on a folder of shards, embeddings on, replacing `out`."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "jobs" / "label.yaml"), "--no-progress"]
+    for s in (f"source.uri={src}", f"output.uri={out}", "output.mode=full", "outputs.embeddings=true", *sets):
         cmd += ["--set", s]
-    if address:
-        cmd += ["--address", address]
-    done, mon, t0 = measure(cmd)
+    return cmd
+
+
+def run_vitpipe(src: Path, out: Path, workload: str, sets: tuple[str, ...] = (), address: str | None = None) -> Row:
+    done, mon, t0 = measure(vitpipe_cmd(src, out, sets) + (["--address", address] if address else []))
     report = json.loads((out / "_report.json").read_text())
     n = report["records_read"]
     ms, by_role = per_kind(mon, n)
@@ -291,11 +292,8 @@ def driver_roles(src: Path, out: Path, images: int) -> str:
     and Ray Data's scheduling loop per second of streaming (a cost per second, not per row)."""
     from benchmarks.driver_profile import profile
 
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "jobs" / "label.yaml"), "--no-progress",
-           "--set", f"source.uri={src}", "--set", f"output.uri={out}", "--set", "output.mode=full",
-           "--set", "outputs.embeddings=true"]
     try:
-        by_role = profile(cmd, cwd=ROOT)
+        by_role = profile(vitpipe_cmd(src, out), cwd=ROOT)
     except (RuntimeError, subprocess.CalledProcessError) as e:
         return f"- driver profile: not taken ({e})"
     report = json.loads((out / "_report.json").read_text())

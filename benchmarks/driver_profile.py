@@ -68,11 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("shards", help="a folder of tar shards")
     p.add_argument("out", help="the output folder (replaced)")
     args = p.parse_args(argv)
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(root / "jobs" / "label.yaml"), "--no-progress",
-           "--set", f"source.uri={args.shards}", "--set", f"output.uri={args.out}", "--set", "output.mode=full",
-           "--set", "outputs.embeddings=true"]
-    for role, s in profile(cmd, cwd=root).items():
+    from benchmarks.dataplane import ROOT, vitpipe_cmd
+
+    for role, s in profile(vitpipe_cmd(Path(args.shards), Path(args.out)), cwd=ROOT).items():
         print(f"{s:8.2f} CPU-s  {role}")
     return 0
 
