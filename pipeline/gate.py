@@ -18,6 +18,7 @@ before it labels a million images.
 
 from __future__ import annotations
 
+import json
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -199,6 +200,62 @@ def finish(check: dict | object | Future, calibration: np.ndarray | None) -> dic
         if not g.passed:
             raise g.refusal("the job did not start")
     return result
+
+
+@dataclass
+class RunCheck:
+    """The gate during one run: started before the dataset (begin), settled by the first part
+    record at the latest (see), read at the end (result). `pending` is what `start` returned;
+    `result` the settled check (backend, reason, cache, gate figures)."""
+
+    where: str  # first | driver | actors (placement)
+    backend: str | None
+    pending: dict | object | Future | None
+    calibration: np.ndarray | None
+    actor_images: np.ndarray | None  # actors: the images each model actor checks its own engine on
+    result: dict | None = None
+
+    @classmethod
+    def begin(cls, spec: JobSpec, ckpt: Checkpoint, listed: list, plan: Plan) -> RunCheck:
+        """Start the check where `placement` says; `first` (an engine with a build) is settled here,
+        before any actor starts, so that the actors load the engine it cached."""
+        where, backend = placement(spec, plan)
+        pending, calibration, images = start(spec, ckpt, listed, plan, where, None if where == "first" else backend)
+        run = cls(where, backend, pending, calibration, images)
+        if where == "first" or isinstance(pending, dict):
+            run.result = finish(pending, calibration)
+        return run
+
+    @property
+    def actor_backend(self) -> str | None:
+        """The backend the model actors are told to use (None: each GPU actor resolves `auto`)."""
+        return self.result["backend"] if self.where == "first" else self.backend
+
+    def see(self, actor_check: str | None) -> None:
+        """Every part record, before its rows count: an actor's own figures come with its first part
+        (a miss has raised in the actor already); otherwise the driver thread's check must be settled
+        before the first row is accepted."""
+        if actor_check and self.result is None:
+            self.result = finish(json.loads(actor_check), self.calibration)
+        if self.result is None:
+            if self.pending is None:
+                raise RuntimeError("model stage: a part arrived from an actor that sent no engine check first "
+                                   "(engine.gate.placement actors); this is a bug, please report it")
+            self.result = finish(self.pending, self.calibration)
+
+    def final(self, default_backend: str) -> dict:
+        """The settled check for the report; a run whose parts never reached an actor settles it here."""
+        if self.result is None:
+            self.result = finish(self.pending, self.calibration) if self.pending is not None else {
+                "backend": self.backend or default_backend, "reason": "no part reached a model actor",
+                "cache": "", "gate": None}
+        return self.result
+
+
+def plain(miss: GateError) -> GateError:
+    """An actor's miss as the driver raises it: its own first line, without Ray's traceback and the
+    retry advice Ray Data appends on lines of their own."""
+    return GateError(str(getattr(miss, "cause", miss)).split("\n", 1)[0])
 
 
 def prepare(spec: JobSpec, ckpt: Checkpoint, shards: list, plan: Plan) -> tuple[dict, np.ndarray | None]:

@@ -250,27 +250,17 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
                 "gate": None}, None, {}
     plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], ckpt.config)
     configure_data(spec, plan)
-    where, backend = gate.placement(spec, plan)
-    check, calibration, gate_images = gate.start(spec, ckpt, listed, plan, where,
-                                                 None if where == "first" else backend)
-    # first: finished here, before the dataset starts; driver and actors: below, before the first row
-    engine_check = gate.finish(check, calibration) if where == "first" or isinstance(check, dict) else None
-    ds = build_dataset(spec, todo, plan, engine_check["backend"] if where == "first" else backend, ckpt.preprocess,
-                       writer, calibration, gate_images, labels)
+    check = gate.RunCheck.begin(spec, ckpt, listed, plan)
+    ds = build_dataset(spec, todo, plan, check.actor_backend, ckpt.preprocess, writer, check.calibration,
+                       check.actor_images, labels)
     timing = {"start": round(time.time() - t0, 3)}
-    total = sum(1 for _ in todo)
+    total = len(todo)
     bar = progress_bar(spec)
     try:
         # prefetch 0: a finished part reaches the sink as soon as it exists
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             for result in table.to_pylist():
-                if result["check"]:  # an actor's own check, with its first part (a miss raised there)
-                    engine_check = engine_check or gate.finish(json.loads(result["check"]), calibration)
-                if engine_check is None:
-                    if check is None:
-                        raise RuntimeError("model stage: a part arrived from an actor that sent no engine check "
-                                           "first (engine.gate.placement actors); this is a bug, please report it")
-                    engine_check = gate.finish(check, calibration)  # the driver thread's check
+                check.see(result["check"])
                 sink.add(result)
                 if "first_row" not in timing:
                     timing["first_row"] = round(time.time() - t0, 3)
@@ -279,13 +269,9 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
             c = sink.counts
             bar.update(c.records + sum(c.skipped.values()) - bar.n)
             bar.set_postfix(ok=c.ok, errors=c.error_rows, shards=f"{len(sink.done)}/{total}", refresh=False)
-    except gate.GateError as miss:  # an actor's check failed: its own message, without Ray's traceback and
-        # the retry advice Ray Data appends to the message on lines of its own
-        raise gate.GateError(str(getattr(miss, "cause", miss)).split("\n", 1)[0]) from None
+    except gate.GateError as miss:  # an actor's check failed
+        raise gate.plain(miss) from None
     finally:
         bar.close()
-    if engine_check is None:
-        engine_check = gate.finish(check, calibration) if check is not None else {
-            "backend": backend or spec.engine.backend, "reason": "no part reached a model actor", "cache": "",
-            "gate": None}
+    engine_check = check.final(spec.engine.backend)
     return engine_check, plan, timing

@@ -434,3 +434,31 @@ def test_the_cpu_call_size_keeps_activations_cache_sized():
     assert call_size(spec, True, config_for_arch("vit_b_16")) == 256
     asked = JobSpec.model_validate({"source": {"uri": "/in"}, "output": {"uri": "/out"}, "engine": {"batch_size": 8}})
     assert call_size(asked, False, config_for_arch("vit_ti_16")) == 8
+
+
+def test_a_runs_gate_is_settled_before_the_first_row_counts():
+    """RunCheck during a run: an actor's figures settle it with that actor's first part; with the
+    check in a driver thread, the first part waits for that thread and a miss there stops the run;
+    a part from an actor that sent no figures is a bug, said so; a run whose parts never reached an
+    actor still reports a check."""
+    import json
+    from concurrent.futures import Future
+
+    from pipeline.gate import GateError, RunCheck
+
+    figures = {"engine": "torch-cpu-bf16", "samples": 8, "cosine_mean": 0.9995, "cosine_min": 0.999,
+               "top1_agreement": 1.0, "min_cosine": 0.999, "min_top1": 0.99, "passed": True}
+    actors = RunCheck("actors", "torch", None, None, actor_images=None)
+    with pytest.raises(RuntimeError, match="sent no engine check first .* bug"):
+        actors.see(None)
+    actors.see(json.dumps({"backend": "torch", "reason": "r", "cache": "", "gate": figures}))
+    assert actors.result["gate"]["passed"] and actors.final("auto") is actors.result
+    actors.see(None)  # later parts: settled already
+
+    missed = Future()
+    missed.set_result({"backend": "torch", "reason": "r", "cache": "", "gate": figures | {"passed": False,
+                                                                                         "cosine_mean": 0.98}})
+    driver = RunCheck("driver", "torch", missed, None, actor_images=None)
+    with pytest.raises(GateError, match="FAILED .* cosine mean 0.98000"):
+        driver.see(None)
+    assert RunCheck("actors", None, None, None, None).final("auto")["reason"] == "no part reached a model actor"
