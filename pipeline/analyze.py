@@ -37,7 +37,6 @@ import io
 import json
 import posixpath
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -203,14 +202,13 @@ class Analyzer:
 
 def analyze_job(spec: JobSpec) -> dict:
     """Stream the job's images through the attention path; write tables, figures and the page."""
-    import ray
-
     from pipeline.page import write_page
-    from pipeline.plan import plan_resources
     from pipeline.runner import (
         check_uris,
         configure_data,
         model_stage,
+        new_run_id,
+        plan_on_cluster,
         prepare_beside_ray,
         progress_bar,
         read_stage,
@@ -221,8 +219,8 @@ def analyze_job(spec: JobSpec) -> dict:
     ckpt, shards, labels = prepare_beside_ray(spec, partial(_prepare, spec))
     fs, out = fsspec.core.url_to_fs(spec.output.uri)
     root = f"{out.rstrip('/')}/analysis"
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], ckpt.config)
+    run_id = new_run_id()
+    plan = plan_on_cluster(spec, ckpt.config)
     configure_data(spec, plan)
     writer = {"uri": fs.unstrip_protocol(root), "run_id": run_id, "row_group_rows": spec.output.row_group_rows,
               "metadata": {"run_id": run_id, "model_id": ckpt.model_id, "analysis": FORMAT}}
@@ -356,12 +354,12 @@ def knn_table(fs: fsspec.AbstractFileSystem, root: str, files: list[dict], spec:
     if t.num_rows < 10:
         return KNN_SCHEMA.empty_table()
     test = np.array([held_out(k, a.knn_holdout) for k in t["key"].to_pylist()])
+    if test.all() or not test.any():  # every image on one side of the split: nothing to compare
+        return KNN_SCHEMA.empty_table()
     y = t["label"].to_numpy()
     rows = []
     for name in ("cls", "mean"):
         x = np.asarray(t[name].combine_chunks().flatten().to_numpy(), np.float32).reshape(t.num_rows, -1)  # (n, D)
-        if test.all() or not test.any():
-            continue
         acc = knn_accuracy(x[~test], y[~test], x[test], y[test], a.knn_k)
         rows.append({"embedding": name, "k": a.knn_k, "accuracy": round(acc, 4), "train_images": int((~test).sum()),
                      "test_images": int(test.sum()),
@@ -375,12 +373,11 @@ def summary(manifest: dict, uri: str) -> str:
     lines = [f"analyze {manifest['run_id']}: {c['ok']} images ({c['errors']} errors) of {manifest['shards']} "
              f"shard(s) in {manifest['wall_s']:.1f} s -> {uri}", "",
              "mean attention distance (pixels), layer x head:"]
-    rows = manifest["attention_distance"]
-    heads = max(r["head"] for r in rows) + 1
-    lines.append("  layer " + "".join(f"{f'head {h}':>9}" for h in range(heads)))
-    for layer in range(max(r["layer"] for r in rows) + 1):
-        vals = [r["mean_distance_px"] for r in rows if r["layer"] == layer]
-        lines.append(f"  {layer:5d} " + "".join(f"{v:9.2f}" for v in vals))
+    from pipeline.page import distance_grid
+
+    grid = distance_grid(manifest["attention_distance"])  # (L, H)
+    lines.append("  layer " + "".join(f"{f'head {h}':>9}" for h in range(len(grid[0]))))
+    lines += [f"  {layer:5d} " + "".join(f"{v:9.2f}" for v in vals) for layer, vals in enumerate(grid)]
     lines.append(f"  (a head attending to every patch alike: {manifest['uniform_distance_px']:.2f} px; the image "
                  f"is {manifest['model']['config']['image_size']} px)")
     knn = manifest["knn"]

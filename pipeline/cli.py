@@ -16,8 +16,6 @@ from pipeline.config import JobSpecError, describe_spec, load_job_spec
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec_for_cli(args)
-    if args.no_progress:
-        spec.ray.progress = False
     from pipeline.runner import run_job
 
     report = run_job(spec)
@@ -29,8 +27,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     spec = _spec_for_cli(args)
-    if args.no_progress:
-        spec.ray.progress = False
     from pipeline.analyze import analyze_job, summary
 
     manifest = analyze_job(spec)
@@ -80,6 +76,8 @@ def _spec_for_cli(args: argparse.Namespace):
         spec.ray.address = args.address
     if getattr(args, "verbose", False):
         spec.ray.verbose = True
+    if getattr(args, "no_progress", False):
+        spec.ray.progress = False
     if not spec.ray.address:
         from pipeline.cluster import local_environment
 

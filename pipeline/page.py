@@ -131,8 +131,7 @@ def _errors(fs: fsspec.AbstractFileSystem, root: str, manifest: dict, per_type: 
     for f in files[:most_files]:
         if counts and all(len(examples.get(k, [])) >= min(per_type, n) for k, n in counts.items()):
             break
-        with fs.open(f"{root}/{f['path']}", "rb") as fh:
-            t = pq.read_table(fh, columns=["member", "source_uri", "error_stage", "error_type", "error_message"])
+        t = _read(fs, f"{root}/{f['path']}", ["member", "source_uri", "error_stage", "error_type", "error_message"])
         for row in t.to_pylist():
             if len(examples.setdefault(row["error_type"] or "", [])) < per_type:
                 examples[row["error_type"] or ""].append(row)
@@ -187,7 +186,7 @@ def throughput_figure(timeline: list[list[float]], first_row: float | None, full
 
 
 def analysis_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> str:
-    tables = {name: pq.read_table(fs.open(f"{root}/{name}.parquet", "rb"))
+    tables = {name: _read(fs, f"{root}/{name}.parquet")
               for name in ("attention_distance", "position_similarity", "rollout", "knn")}
     cfg = manifest["model"]["config"]
     figures = {"attention_distance": distance_figure(tables["attention_distance"].to_pylist(), cfg,
@@ -199,10 +198,7 @@ def analysis_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> s
         fs.pipe_file(f"{root}/{name}.png", png)
     c = manifest["counts"]
     knn = tables["knn"].to_pylist()
-    dist = tables["attention_distance"].to_pylist()
-    heads = max(r["head"] for r in dist) + 1
-    grid_rows = [[layer] + [f"{r['mean_distance_px']:.2f}" for r in dist if r["layer"] == layer]
-                 for layer in range(max(r["layer"] for r in dist) + 1)]
+    grid = distance_grid(tables["attention_distance"].to_pylist())  # (L, H)
     body = [f"<h1>vitpipe analyze {_e(manifest['run_id'])}: {_e(manifest['job'].get('name', ''))}</h1>",
             f"<p>Model <code>{_e(manifest['model']['source'])}</code> (id {_e(manifest['model']['id'][:12])}): "
             f"{cfg['depth']} layers x {cfg['heads']} heads, {cfg['image_size']} px images in "
@@ -215,7 +211,8 @@ def analysis_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> s
             f"{manifest['uniform_distance_px']:.1f} px here): "
             "globally.</p>",
             _img(figures["attention_distance"], "attention distance by layer and head"),
-            _table(["layer"] + [f"head {h}" for h in range(heads)], grid_rows),
+            _table(["layer"] + [f"head {h}" for h in range(len(grid[0]))],
+                   [[layer] + [f"{v:.2f}" for v in vals] for layer, vals in enumerate(grid)]),
             "<h2>Position embeddings</h2>",
             "<p>Cosine similarity of each patch position's learned embedding with every other position "
             "(one small map per position, laid out as the patch grid; the paper's Fig. 7, centre).</p>",
@@ -229,6 +226,15 @@ def analysis_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> s
                    [[r["note"], r["k"], f"{r['accuracy']:.4f}", r["train_images"], r["test_images"]] for r in knn])
             if knn else "<p>Not compared: the images carry no labels (or fewer than 10).</p>"]
     return _page(f"vitpipe analyze {manifest['run_id']}", body)
+
+
+def distance_grid(rows: list[dict]) -> list[list[float]]:
+    """attention_distance rows (layer, head, mean_distance_px) -> [layer][head], for the printed
+    summary and the page alike."""
+    grid = [[0.0] * (max(r["head"] for r in rows) + 1) for _ in range(max(r["layer"] for r in rows) + 1)]
+    for r in rows:
+        grid[r["layer"]][r["head"]] = r["mean_distance_px"]
+    return grid
 
 
 def distance_figure(rows: list[dict], cfg: dict, uniform: float) -> bytes:
@@ -302,6 +308,11 @@ def rollout_figure(table: Any) -> bytes:
 
 
 # --- plumbing -------------------------------------------------------------------------------------
+
+
+def _read(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None):
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
 def _figure(**kw):

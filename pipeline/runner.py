@@ -42,11 +42,22 @@ if TYPE_CHECKING:  # torch comes with these: imported where used, in the thread 
 
     from pipeline.decode import Preprocess
     from pipeline.model.checkpoints import Checkpoint
+    from pipeline.model.vit import ViTConfig
 
 
 def init_ray(spec: JobSpec) -> None:
     """A local Ray on loopback without the services it has no use for, unless an address is given."""
     connect(spec.ray.address, spec.ray.verbose)
+
+
+def plan_on_cluster(spec: JobSpec, model: ViTConfig) -> Plan:
+    """The plan for the nodes alive in the connected Ray cluster now."""
+    return plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], model)
+
+
+def new_run_id() -> str:
+    """A run's id: when it started (sortable) and 8 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
 def build_dataset(spec: JobSpec, shards: list[Shard], plan: Plan, backend: str | None, preprocess: Preprocess,
@@ -151,7 +162,7 @@ def compile_job(spec: JobSpec) -> dict:
     ckpt = load_model(spec.model)
     shards = list_shards(spec.source)
     init_ray(spec)
-    plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], ckpt.config)
+    plan = plan_on_cluster(spec, ckpt.config)
     result, _ = gate.prepare(spec, ckpt, shards, plan)
     return result | {"model_id": ckpt.model_id, "model_source": ckpt.source}
 
@@ -160,7 +171,7 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
     """Run one job to a committed output; raises before any work on a bad spec, source or output."""
     t0 = time.time()
     check_uris(spec)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    run_id = new_run_id()
     ckpt, shards, sink, work, labels = prepare_beside_ray(
         spec, partial(_prepare, spec, ckpt, run_id), undo=lambda made: made[2].close())  # the lease back
     model_id = ckpt.model_id
@@ -248,7 +259,7 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     if not todo:
         return {"backend": spec.engine.backend, "reason": "no shard needed processing", "cache": "",
                 "gate": None}, None, {}
-    plan = plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], ckpt.config)
+    plan = plan_on_cluster(spec, ckpt.config)
     configure_data(spec, plan)
     check = gate.RunCheck.begin(spec, ckpt, listed, plan)
     ds = build_dataset(spec, todo, plan, check.actor_backend, ckpt.preprocess, writer, check.calibration,
