@@ -499,8 +499,9 @@ def relative_path(path: str, roots: list[str]) -> str:
 
 def _read_images(shard: Shard, source: SourceSpec, labels: dict[str, int]) -> Iterator[Record]:
     roots = source_roots(source)
+    fs = fsspec.core.url_to_fs(shard.files[0])[0]  # a shard's files were listed under one URI: one filesystem
     for uri in shard.files:
-        fs, path = fsspec.core.url_to_fs(uri)
+        path = fsspec.core.strip_protocol(uri)
         rel = relative_path(path, roots)
         key = rel.rsplit(".", 1)[0]
         label = labels.get(folder_of(rel) or "") if source.label_from == "folder" else None
