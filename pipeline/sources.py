@@ -22,6 +22,7 @@ incomplete (sink.py).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import fsspec
+import fsspec.asyn
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -500,15 +502,40 @@ def relative_path(path: str, roots: list[str]) -> str:
 def _read_images(shard: Shard, source: SourceSpec, labels: dict[str, int]) -> Iterator[Record]:
     roots = source_roots(source)
     fs = fsspec.core.url_to_fs(shard.files[0])[0]  # a shard's files were listed under one URI: one filesystem
-    for uri in shard.files:
-        path = fsspec.core.strip_protocol(uri)
+    paths = [fsspec.core.strip_protocol(uri) for uri in shard.files]
+    for uri, path, data in zip(shard.files, paths, fetch_in_order(fs, paths, source.requests_in_flight), strict=True):
         rel = relative_path(path, roots)
         key = rel.rsplit(".", 1)[0]
         label = labels.get(folder_of(rel) or "") if source.label_from == "folder" else None
-        try:
-            data = fs.cat_file(path)
-        except OSError as e:
-            yield Record(key, rel, None, label, status="error", error_type="ReadError", message=f"{uri}: {e}",
+        if isinstance(data, OSError):
+            yield Record(key, rel, None, label, status="error", error_type="ReadError", message=f"{uri}: {data}",
                          source_uri=uri)
-            continue
-        yield Record(key, rel, data, label, source_uri=uri)
+        else:
+            yield Record(key, rel, data, label, source_uri=uri)
+
+
+def fetch_in_order(fs, paths: list[str], in_flight: int) -> Iterator[bytes | OSError]:
+    """Each file's bytes, or the OSError reading it raised, in the order of `paths`. On an async
+    filesystem (s3fs, gcsfs, adlfs, http) `in_flight` GETs at a time run on its event loop: one at
+    a time, a read actor on an object store mostly waited (S3 answers in 10-50 ms: 20-100 files/s),
+    and coroutines on fsspec's own loop cost less CPU per file than threads calling its sync API
+    (2.5 against 3.4 CPU-ms per GET to SeaweedFS: benchmarks/image_folder.py)."""
+    if in_flight <= 1 or not fs.async_impl:
+        yield from (_fetch(fs, p) for p in paths)
+        return
+    for start in range(0, len(paths), in_flight):  # a window at a time: never a whole shard in memory
+        for got in fsspec.asyn.sync(fs.loop, _fetch_all, fs, paths[start : start + in_flight]):
+            if isinstance(got, BaseException) and not isinstance(got, OSError):
+                raise got  # not a file's own fault: the shard's (read_parts)
+            yield got
+
+
+async def _fetch_all(fs, paths: list[str]) -> list[bytes | BaseException]:
+    return await asyncio.gather(*(fs._cat_file(p) for p in paths), return_exceptions=True)
+
+
+def _fetch(fs, path: str) -> bytes | OSError:
+    try:
+        return fs.cat_file(path)
+    except OSError as e:
+        return e

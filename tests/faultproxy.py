@@ -4,7 +4,9 @@ its connection dropped before it reaches the store, the 3rd reaches the store an
 lost (the connection closes instead). Every fault is counted and recorded; the number of faults
 is bounded by the plan, so a test through it ends. Apart from the plan, GETs of the objects in
 `denied` are refused (403 AccessDenied: credentials that may not read them) and of those in
-`gone` find nothing (404 NoSuchKey: deleted after listing).
+`gone` find nothing (404 NoSuchKey: deleted after listing). `delay_s` holds every request that
+reaches the store that long first (a remote store's time to first byte, which loopback lacks);
+`most_in_flight` is the most requests it has had under way at once.
 
 Kinds: "read" (GET of an input shard), "part" (PUT of a staged part file), "commit" (writes of
 _manifest.json and _SUCCESS, copies into place), "lease" (the conditional create of _lease.json).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
+import time
 from collections import Counter
 
 FAULTS = ("slowdown", "drop", "lose")  # the 1st, 2nd and 3rd request of each kind
@@ -91,8 +94,9 @@ def _headers(head: bytes) -> tuple[str, str, dict[str, str]]:
 
 
 class FaultProxy:
-    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 8333), faults: bool = True):
-        self.upstream, self.inject = upstream, faults
+    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 8333), faults: bool = True, delay_s: float = 0.0):
+        self.upstream, self.inject, self.delay_s = upstream, faults, delay_s
+        self.in_flight = self.most_in_flight = 0
         self.denied: set[str] = set()  # object paths (/bucket/key) whose GET is refused: 403 AccessDenied
         self.gone: set[str] = set()  # object paths whose GET finds nothing: 404 NoSuchKey (deleted after listing)
         self.seen: Counter = Counter()  # requests per kind
@@ -152,7 +156,7 @@ class FaultProxy:
                     continue
                 if fault == "drop":
                     return  # closed before the store saw it
-                answer = self._forward(head, body, method)
+                answer = self._delayed_forward(head, body, method)
                 if fault == "lose":
                     return  # the store did it; the client never hears
                 client.sendall(answer)
@@ -160,6 +164,17 @@ class FaultProxy:
             return
         finally:
             client.close()
+
+    def _delayed_forward(self, head: bytes, body: bytes, method: str) -> bytes:
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay_s)
+            return self._forward(head, body, method)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def _forward(self, head: bytes, body: bytes, method: str) -> bytes:
         lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith((b"connection:", b"expect:"))]

@@ -80,24 +80,39 @@ def test_image_folder_groups_into_shards(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_an_image_folder_is_labelled_by_folder_with_one_filesystem_lookup_per_shard(where, tmp_path, request,
-                                                                                     monkeypatch):
-    """Folder names become labels, on local disk and on S3 alike, and neither the driver's label
-    plan nor a read actor looks up the filesystem per file (~35 us each: half a minute per million
-    files at start-up)."""
+def test_an_image_folder_is_labelled_by_folder_and_fetched_in_order(where, tmp_path, request, monkeypatch):
+    """Folder names become labels, on local disk and on S3 alike. On S3 (through a loopback proxy
+    that holds each request 50 ms, as a remote store would) a read actor has several GETs under way
+    at once, and never more than source.requests_in_flight; the records still come in listing order,
+    and a file gone after the listing is one error row. Neither the driver's label plan nor a read
+    actor looks up the filesystem per file (~35 us each: half a minute per million files)."""
     files = {f"{'cats' if i % 3 else 'dogs'}/{i:02d}.png": image_bytes(6, 6, "PNG", seed=i) for i in range(11)}
+    gone = "cats/04.png"
+    proxy = None
     if where == "s3":
-        fs = request.getfixturevalue("s3")
-        fs.mkdir("vitpipe-folders")
-        fs.pipe({f"vitpipe-folders/imgs/{k}": v for k, v in files.items()})
+        import s3fs
+        from faultproxy import FaultProxy
+
+        store = request.getfixturevalue("s3")
+        store.mkdir("vitpipe-folders")
+        store.pipe({f"vitpipe-folders/imgs/{k}": v for k, v in files.items()})
+        proxy = FaultProxy(faults=False, delay_s=0.05)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        s3fs.S3FileSystem.clear_instance_cache()  # url_to_fs must make one that goes through the proxy
+        request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)  # and none may outlive the proxy
+        request.addfinalizer(proxy.stop)
         uri = "s3://vitpipe-folders/imgs"
     else:
         for k, v in files.items():
             (tmp_path / k).parent.mkdir(exist_ok=True)
             (tmp_path / k).write_bytes(v)
         uri = str(tmp_path)
-    source = SourceSpec(uri=uri, format="images", images_per_shard=4, label_from="folder")
+    source = SourceSpec(uri=uri, format="images", images_per_shard=6, label_from="folder", requests_in_flight=4)
     shards = list_shards(source)
+    if proxy:
+        proxy.gone.add(f"/vitpipe-folders/imgs/{gone}")
+    else:
+        (tmp_path / gone).unlink()
     model = SimpleNamespace(labels=["dogs", "cats"], config=SimpleNamespace(num_classes=2))
     lookups = []
     real = fsspec.core.url_to_fs
@@ -106,10 +121,14 @@ def test_an_image_folder_is_labelled_by_folder_with_one_filesystem_lookup_per_sh
     assert len(lookups) == 1  # the source's root, not its 11 files
     recs = [r for s in shards for p in read_parts(s, source, labels.to_index) for r in p.records.to_pylist()]
     assert len(lookups) == 1 + 2 * len(shards) < 1 + len(files)  # per shard: its filesystem and the root's
+    assert [r["member"] for r in recs] == sorted(files)  # listing order, whatever order the GETs finished in
     assert {r["member"]: r["label"] for r in recs} == {k: 1 if k.startswith("cats") else 0 for k in files}
-    assert [r["image"] for r in recs] == [files[r["member"]] for r in recs]
+    assert [r["image"] for r in recs if r["status"] == "record"] == [files[k] for k in sorted(files) if k != gone]
+    assert {r["member"]: r["error_type"] for r in recs if r["status"] == "error"} == {gone: "ReadError"}
     root = fsspec.core.strip_protocol(uri)
     assert all(fsspec.core.strip_protocol(r["source_uri"]) == f"{root}/{r['member']}" for r in recs)
+    if proxy:
+        assert 2 <= proxy.most_in_flight <= 4
 
 
 def test_parquet_source_with_key_and_label_columns():

@@ -1,0 +1,157 @@
+"""Reading a folder of loose image files from object storage, side by side in one run.
+
+A read actor of a `format: images` job fetches one object per image. On a remote store each GET
+waits 10-50 ms for its first byte, so one GET at a time caps a read actor at 20-100 images/s,
+whatever the CPU. Here, for each store latency (SeaweedFS on loopback as it is, then behind a
+loopback proxy, in a process of its own, that holds every request L ms first, tests/faultproxy.py):
+
+  a vitpipe     the read stage's own code (sources.read_parts) over the folder's shards, with
+                source.requests_in_flight GETs under way (default 32), in this process
+  b one by one  the same with requests_in_flight 1: one GET at a time, as the read actors did before
+  c ray recipe  ray.data.read_binary_files(folder) on a local Ray started before the clock: the read
+                of Ray's batch-inference recipe (read_images, less its decode), its own parallelism
+
+Reported: seconds, images/s, CPU-ms per image of the reading processes (a, b: this process, its
+fetch threads and fsspec's event loop included; c: Ray's read tasks) and the ratios a/b, a/c.
+
+    python -m benchmarks.image_folder --images 2000 --latency-ms 0,20
+
+Timings never go into pass/fail tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from benchmarks.bench import Monitor
+from pipeline.config import SourceSpec
+from pipeline.demo import digit_jpegs
+from pipeline.s3local import environ, start_seaweedfs
+from pipeline.sources import list_shards, read_parts
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "vitpipe-bench-folder"
+
+
+def write_folder(fs, n: int) -> str:
+    """n small JPEGs as CLASS/NNNNNN.jpg under one prefix (the digits again and again)."""
+    samples = digit_jpegs("train")
+    fs.makedirs(BUCKET, exist_ok=True)
+    fs.pipe({f"{BUCKET}/imgs/{label}/{i:06d}.jpg": data
+             for i, (data, label) in ((i, samples[i % len(samples)]) for i in range(n))})
+    return f"s3://{BUCKET}/imgs"
+
+
+def serve_proxy(delay_s: float, upstream: tuple[str, int], ports) -> None:
+    """The latency proxy, in a process of its own: its CPU is not the reader's."""
+    import threading
+
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(upstream, faults=False, delay_s=delay_s)
+    ports.put(proxy.port)
+    threading.Event().wait()
+
+
+def start_proxy(delay_s: float, store: str) -> tuple[multiprocessing.Process, int]:
+    ctx = multiprocessing.get_context("spawn")  # this process has threads (fsspec's loop): no fork
+    ports = ctx.Queue()
+    url = urlsplit(store)
+    proc = ctx.Process(target=serve_proxy, args=(delay_s, (url.hostname, url.port), ports), daemon=True)
+    proc.start()
+    return proc, ports.get(timeout=60)
+
+
+def read_here(uri: str, in_flight: int) -> tuple[int, float, float]:
+    """(records, seconds, CPU seconds) of reading every shard of the folder with read_parts."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # a filesystem for this store address, made now
+    source = SourceSpec(uri=uri, format="images", requests_in_flight=in_flight)
+    shards = list_shards(source)
+    t, c = time.perf_counter(), time.process_time()
+    n = sum(p.records.num_rows for s in shards for p in read_parts(s, source))
+    return n, time.perf_counter() - t, time.process_time() - c
+
+
+def read_ray(uri: str) -> tuple[int, float, float]:
+    """(records, seconds, CPU seconds of Ray's read tasks) of ray.data.read_binary_files."""
+    import ray
+
+    with Monitor(interval=0.5, memory=False) as mon:
+        t = time.perf_counter()
+        n = ray.data.read_binary_files(uri).materialize().count()  # count() alone reads no file
+        seconds = time.perf_counter() - t
+    cpu = sum(v for role, v in mon.cpu_by_role().items() if "Read" in role)
+    return n, seconds, cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--latency-ms", default="0,20", help="store latencies to add, comma-separated (0: loopback as is)")
+    p.add_argument("--in-flight", type=int, default=SourceSpec.model_fields["requests_in_flight"].default)
+    p.add_argument("--s3", choices=["local", "env"], default="local",
+                   help="local: start SeaweedFS on 127.0.0.1:8333; env: the S3 server in AWS_ENDPOINT_URL")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default="image-folder-cpu2", help="results file name (.json, .md) in --out")
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "tests"))
+    import ray
+    import s3fs
+
+    rows = []
+    server = start_seaweedfs(tempfile.mkdtemp(prefix="vitpipe-bench-s3-")) if a.s3 == "local" else None
+    store = server.env["AWS_ENDPOINT_URL"] if server else os.environ["AWS_ENDPOINT_URL"]
+    try:
+        with environ(server.env if server else {}):
+            uri = write_folder(s3fs.S3FileSystem(skip_instance_cache=True), a.images)
+            for ms in (int(x) for x in a.latency_ms.split(",")):
+                proxy, port = start_proxy(ms / 1000, store) if ms else (None, None)
+                address = f"http://127.0.0.1:{port}" if proxy else store
+                with environ({"AWS_ENDPOINT_URL": address}):
+                    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                             logging_level="ERROR", num_cpus=2)  # its workers take this store address
+                    results = {"a vitpipe": read_here(uri, a.in_flight), "b one by one": read_here(uri, 1),
+                               "c ray recipe": read_ray(uri)}
+                    ray.shutdown()
+                if proxy:
+                    proxy.terminate()
+                for name, (n, s, cpu) in results.items():
+                    rows.append({"latency_ms": ms, "approach": name, "images": n, "seconds": round(s, 2),
+                                 "images_per_s": round(n / s, 1), "cpu_ms_per_image": round(cpu / n * 1e3, 3)})
+                print(json.dumps(rows[-3:]), flush=True)
+    finally:
+        if server:
+            server.stop()
+    out = a.out / a.name
+    meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "command": "python -m benchmarks.image_folder " + " ".join(argv or sys.argv[1:])}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+    return 0
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Reading an image folder from S3 ({meta['when']}, `{meta['command']}`)", "",
+             "| store latency added | approach | images | s | images/s | CPU-ms/img | vitpipe / this |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = next(x for x in rows if x["latency_ms"] == r["latency_ms"] and x["approach"] == "a vitpipe")
+        ratio = "" if r is a else f"{a['images_per_s'] / r['images_per_s']:.2f}"
+        lines.append(f"| {r['latency_ms']} ms | {r['approach']} | {r['images']} | {r['seconds']} | "
+                     f"{r['images_per_s']} | {r['cpu_ms_per_image']} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
