@@ -518,8 +518,8 @@ def fetch_in_order(fs, paths: list[str], in_flight: int) -> Iterator[bytes | OSE
     """Each file's bytes, or the OSError reading it raised, in the order of `paths`. On an async
     filesystem (s3fs, gcsfs, adlfs, http) `in_flight` GETs at a time run on its event loop: one at
     a time, a read actor on an object store mostly waited (S3 answers in 10-50 ms: 20-100 files/s),
-    and coroutines on fsspec's own loop cost less CPU per file than threads calling its sync API
-    (2.5 against 3.4 CPU-ms per GET to SeaweedFS: benchmarks/image_folder.py)."""
+    and coroutines on fsspec's own loop cost less CPU per file than its sync API, whether called
+    in turn or from threads (SeaweedFS on loopback: 2.5 against 3.4 CPU-ms per GET)."""
     if in_flight <= 1 or not fs.async_impl:
         yield from (_fetch(fs, p) for p in paths)
         return
