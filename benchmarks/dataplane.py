@@ -110,7 +110,7 @@ def first_row(stdout: str) -> float | None:
     return float(line.split()[1]) if line else None
 
 
-def vitpipe_cmd(src: Path, out: Path, sets: tuple[str, ...] = ()) -> list[str]:
+def vitpipe_cmd(src: Path | str, out: Path, sets: tuple[str, ...] = ()) -> list[str]:
     """`vitpipe run jobs/label.yaml` on a folder of shards, embeddings on, replacing `out`."""
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "jobs" / "label.yaml"), "--no-progress"]
     for s in (f"source.uri={src}", f"output.uri={out}", "output.mode=full", "outputs.embeddings=true", *sets):

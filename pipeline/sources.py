@@ -502,10 +502,16 @@ def relative_path(path: str, roots: list[str]) -> str:
 def _read_images(shard: Shard, source: SourceSpec, labels: dict[str, int]) -> Iterator[Record]:
     roots = source_roots(source)
     fs = fsspec.core.url_to_fs(shard.files[0])[0]  # a shard's files were listed under one URI: one filesystem
-    paths = [fsspec.core.strip_protocol(uri) for uri in shard.files]
-    for uri, path, data in zip(shard.files, paths, fetch_in_order(fs, paths, source.requests_in_flight), strict=True):
+    only = _key_set(source.only_keys) if source.only_keys else None
+    files = []  # (uri, path, path under its root, key)
+    for uri in shard.files:
+        path = fsspec.core.strip_protocol(uri)
         rel = relative_path(path, roots)
         key = rel.rsplit(".", 1)[0]
+        if only is None or key in only:  # a retry (`vitpipe errors --retry-spec`) fetches only its keys' files
+            files.append((uri, path, rel, key))
+    fetched = fetch_in_order(fs, [path for _, path, _, _ in files], source.requests_in_flight)
+    for (uri, _, rel, key), data in zip(files, fetched, strict=True):
         label = labels.get(folder_of(rel) or "") if source.label_from == "folder" else None
         if isinstance(data, OSError):
             yield Record(key, rel, None, label, status="error", error_type="ReadError", message=f"{uri}: {data}",

@@ -79,6 +79,23 @@ def test_image_folder_groups_into_shards(tmp_path):
     assert all(r["source_uri"].endswith(r["member"]) for r in recs)
 
 
+@pytest.fixture()
+def slow_store(s3, monkeypatch):
+    """The session's SeaweedFS behind a loopback proxy that holds each request 50 ms, as a remote
+    store would (tests/faultproxy.py); the filesystems url_to_fs makes during the test go through
+    it. Yields (a filesystem straight to the store, the proxy)."""
+    import s3fs
+    from faultproxy import FaultProxy
+
+    s3.ls("")  # its client is made now, at the store's own address: the test's set-up does not go through the proxy
+    proxy = FaultProxy(faults=False, delay_s=0.05)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    s3fs.S3FileSystem.clear_instance_cache()  # url_to_fs must make one that goes through the proxy
+    yield s3, proxy
+    proxy.stop()
+    s3fs.S3FileSystem.clear_instance_cache()  # and none may outlive the proxy
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_an_image_folder_is_labelled_by_folder_and_fetched_in_order(where, tmp_path, request, monkeypatch):
     """Folder names become labels, on local disk and on S3 alike. On S3 (through a loopback proxy
@@ -90,17 +107,9 @@ def test_an_image_folder_is_labelled_by_folder_and_fetched_in_order(where, tmp_p
     gone = "cats/04.png"
     proxy = None
     if where == "s3":
-        import s3fs
-        from faultproxy import FaultProxy
-
-        store = request.getfixturevalue("s3")
+        store, proxy = request.getfixturevalue("slow_store")
         store.mkdir("vitpipe-folders")
         store.pipe({f"vitpipe-folders/imgs/{k}": v for k, v in files.items()})
-        proxy = FaultProxy(faults=False, delay_s=0.05)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-        s3fs.S3FileSystem.clear_instance_cache()  # url_to_fs must make one that goes through the proxy
-        request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)  # and none may outlive the proxy
-        request.addfinalizer(proxy.stop)
         uri = "s3://vitpipe-folders/imgs"
     else:
         for k, v in files.items():
@@ -129,6 +138,23 @@ def test_an_image_folder_is_labelled_by_folder_and_fetched_in_order(where, tmp_p
     assert all(fsspec.core.strip_protocol(r["source_uri"]) == f"{root}/{r['member']}" for r in recs)
     if proxy:
         assert 2 <= proxy.most_in_flight <= 4
+
+
+def test_a_retry_of_an_image_folder_fetches_only_its_keys(slow_store, tmp_path):
+    """`vitpipe errors --retry-spec` keeps an image folder's URI and names the keys to read again
+    (source.only_keys): the readers fetch those files only, not every file of their shards."""
+    store, proxy = slow_store
+    files = {f"c{i % 2}/{i:02d}.png": image_bytes(6, 6, "PNG", seed=i) for i in range(10)}
+    store.mkdir("vitpipe-retry-folder")
+    store.pipe({f"vitpipe-retry-folder/imgs/{k}": v for k, v in files.items()})
+    (tmp_path / "keys.txt").write_text("c1/03\nc0/08\n")
+    source = SourceSpec(uri="s3://vitpipe-retry-folder/imgs", format="images", images_per_shard=4,
+                        only_keys=str(tmp_path / "keys.txt"))
+    shards = list_shards(source)
+    before = proxy.requests
+    recs = [r for s in shards for p in read_parts(s, source) for r in p.records.to_pylist()]
+    assert [(r["key"], r["image"]) for r in recs] == [("c0/08", files["c0/08.png"]), ("c1/03", files["c1/03.png"])]
+    assert proxy.requests - before == 2  # not 10: every file of the three shards
 
 
 def test_parquet_source_with_key_and_label_columns():
