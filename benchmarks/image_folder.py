@@ -92,14 +92,49 @@ def read_ray(uri: str) -> tuple[int, float, float]:
     so that the CPU counted is the read's (a worker's role changes with its task: all Ray workers count)."""
     import ray
 
-    first = ray.data.read_binary_files(uri).take(1)[0]["bytes"]
-    assert first, "the warm-up read found nothing"
+    if not ray.data.read_binary_files(uri).take(1):
+        raise RuntimeError(f"{uri}: the warm-up read found nothing")
     with Monitor(interval=0.5, memory=False) as mon:
         t = time.perf_counter()
         n = ray.data.read_binary_files(uri).materialize().count()  # count() alone reads no file
         seconds = time.perf_counter() - t
     cpu = sum(v for role, v in mon.cpu_by_role().items() if role.startswith("ray::"))
     return n, seconds, cpu
+
+
+def reads_at(uri: str, store: str, ms: int, in_flight: int) -> list[dict]:
+    """Rows a, b and c with `ms` added to every request (0: the store as it is)."""
+    import ray
+
+    proxy, port = start_proxy(ms / 1000, store) if ms else (None, None)
+    with environ({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}" if proxy else store}):
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+                 num_cpus=2)  # its workers take this store address
+        try:
+            results = {"a vitpipe": read_here(uri, in_flight), "b one by one": read_here(uri, 1),
+                       "c ray recipe": read_ray(uri)}
+        finally:
+            ray.shutdown()
+            if proxy:
+                proxy.terminate()
+    rows = [{"latency_ms": ms, "approach": name, "images": n, "seconds": round(s, 2), "images_per_s": round(n / s, 1),
+             "cpu_ms_per_image": round(cpu / n * 1e3, 3)} for name, (n, s, cpu) in results.items()]
+    print(json.dumps(rows), flush=True)
+    return rows
+
+
+def runs_at(uri: str, store: str, ms: int, in_flight: int) -> list[dict]:
+    """Rows d and e: whole `vitpipe run` processes with `ms` added to every request."""
+    proxy, port = start_proxy(ms / 1000, store) if ms else (None, None)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}" if proxy else store}
+    try:
+        runs = [{"latency_ms": ms, "approach": name} | run_whole(uri, n, env)
+                for name, n in (("d vitpipe run", in_flight), ("e vitpipe run, one by one", 1))]
+    finally:
+        if proxy:
+            proxy.terminate()
+    print(json.dumps(runs), flush=True)
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,40 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="image-folder-cpu2", help="results file name (.json, .md) in --out")
     a = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
-    import ray
+    sys.path.insert(0, str(ROOT / "tests"))  # the latency proxy: tests/faultproxy.py
     import s3fs
 
-    rows, runs = [], []
     server = start_seaweedfs(tempfile.mkdtemp(prefix="vitpipe-bench-s3-")) if a.s3 == "local" else None
     store = server.env["AWS_ENDPOINT_URL"] if server else os.environ["AWS_ENDPOINT_URL"]
+    latencies = [int(x) for x in a.latency_ms.split(",")]
+    rows, runs = [], []
     try:
         with environ(server.env if server else {}):
             uri = write_folder(s3fs.S3FileSystem(skip_instance_cache=True), a.images)
-            for ms in (int(x) for x in a.latency_ms.split(",")):
-                proxy, port = start_proxy(ms / 1000, store) if ms else (None, None)
-                address = f"http://127.0.0.1:{port}" if proxy else store
-                with environ({"AWS_ENDPOINT_URL": address}):
-                    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                             logging_level="ERROR", num_cpus=2)  # its workers take this store address
-                    results = {"a vitpipe": read_here(uri, a.in_flight), "b one by one": read_here(uri, 1),
-                               "c ray recipe": read_ray(uri)}
-                    ray.shutdown()
-                if proxy:
-                    proxy.terminate()
-                for name, (n, s, cpu) in results.items():
-                    rows.append({"latency_ms": ms, "approach": name, "images": n, "seconds": round(s, 2),
-                                 "images_per_s": round(n / s, 1), "cpu_ms_per_image": round(cpu / n * 1e3, 3)})
-                print(json.dumps(rows[-3:]), flush=True)
+            for ms in latencies:
+                rows += reads_at(uri, store, ms, a.in_flight)
             if a.run:
-                ms = max(int(x) for x in a.latency_ms.split(","))
-                proxy, port = start_proxy(ms / 1000, store) if ms else (None, None)
-                env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}" if proxy else store}
-                for name, in_flight in (("d vitpipe run", a.in_flight), ("e vitpipe run, one by one", 1)):
-                    runs.append({"latency_ms": ms, "approach": name} | run_whole(uri, in_flight, env))
-                    print(json.dumps(runs[-1]), flush=True)
-                if proxy:
-                    proxy.terminate()
+                runs = runs_at(uri, store, max(latencies), a.in_flight)
     finally:
         if server:
             server.stop()
