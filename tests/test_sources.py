@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import SourceSpec
 from pipeline.labels import plan_labels
-from pipeline.sources import SourceError, list_shards, read_parts
+from pipeline.sources import SourceError, fetch_in_order, list_shards, read_parts
 
 from helpers import bad_input_members, image_bytes, tar_bytes
 
@@ -101,7 +101,7 @@ def test_an_image_folder_is_labelled_by_folder_and_fetched_in_order(where, tmp_p
     """Folder names become labels, on local disk and on S3 alike. On S3 (through a loopback proxy
     that holds each request 50 ms, as a remote store would) a read actor has several GETs under way
     at once, and never more than source.requests_in_flight; the records still come in listing order,
-    and a file gone after the listing is one error row. Neither the driver's label plan nor a read
+    and a file gone after the listing is one error row; each file is one request. Neither the driver's label plan nor a read
     actor looks up the filesystem per file (~35 us each: half a minute per million files)."""
     files = {f"{'cats' if i % 3 else 'dogs'}/{i:02d}.png": image_bytes(6, 6, "PNG", seed=i) for i in range(11)}
     gone = "cats/04.png"
@@ -128,6 +128,11 @@ def test_an_image_folder_is_labelled_by_folder_and_fetched_in_order(where, tmp_p
     monkeypatch.setattr(fsspec.core, "url_to_fs", lambda *a, **k: lookups.append(a[0]) or real(*a, **k))
     labels = plan_labels(source, shards, model)
     assert len(lookups) == 1  # the source's root, not its 11 files
+    requests = proxy.requests if proxy else 0
+    if proxy:  # a read actor's filesystem has not listed the folder: no sizes cached from the listing
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
     recs = [r for s in shards for p in read_parts(s, source, labels.to_index) for r in p.records.to_pylist()]
     assert len(lookups) == 1 + 2 * len(shards) < 1 + len(files)  # per shard: its filesystem and the root's
     assert [r["member"] for r in recs] == sorted(files)  # listing order, whatever order the GETs finished in
@@ -138,6 +143,7 @@ def test_an_image_folder_is_labelled_by_folder_and_fetched_in_order(where, tmp_p
     assert all(fsspec.core.strip_protocol(r["source_uri"]) == f"{root}/{r['member']}" for r in recs)
     if proxy:
         assert 2 <= proxy.most_in_flight <= 4
+        assert proxy.requests - requests == len(files)  # one GET a file: no HEAD before it (s3fs asks one)
 
 
 def test_a_retry_of_an_image_folder_fetches_only_its_keys(slow_store, tmp_path):
@@ -155,6 +161,20 @@ def test_a_retry_of_an_image_folder_fetches_only_its_keys(slow_store, tmp_path):
     recs = [r for s in shards for p in read_parts(s, source) for r in p.records.to_pylist()]
     assert [(r["key"], r["image"]) for r in recs] == [("c0/08", files["c0/08.png"]), ("c1/03", files["c1/03.png"])]
     assert proxy.requests - before == 2  # not 10: every file of the three shards
+
+
+def test_a_reader_that_stops_early_starts_no_more_gets(slow_store):
+    """fetch_in_order keeps its window under way and no more: a reader that stops after the first
+    file (a fault, the job ending) leaves at most the window's GETs started, not the shard's."""
+    store, proxy = slow_store
+    store.mkdir("vitpipe-early")
+    store.pipe({f"vitpipe-early/{i:02d}.png": bytes([i]) * 10 for i in range(12)})
+    fs, _ = fsspec.core.url_to_fs("s3://vitpipe-early")
+    before = proxy.requests
+    fetched = fetch_in_order(fs, [f"vitpipe-early/{i:02d}.png" for i in range(12)], 4)
+    assert next(fetched) == bytes([0]) * 10
+    fetched.close()
+    assert proxy.requests - before <= 5  # the 4 of the window, and the one started as the first was handed on
 
 
 def test_parquet_source_with_key_and_label_columns():
