@@ -7,7 +7,9 @@ loopback proxy, in a process of its own, that holds every request L ms first, te
 
   a vitpipe     the read stage's own code (sources.read_parts) over the folder's shards, with
                 source.requests_in_flight GETs under way (default 32), in this process
-  b one by one  the same with requests_in_flight 1: one GET at a time, as the read actors did before
+  b one by one  the same with requests_in_flight 1: one GET at a time
+  b0 before     the read actors' loop before 2026-12-02: fs.cat_file per file in turn (s3fs 2026.2+
+                sends a HEAD before each GET there)
   c ray recipe  ray.data.read_binary_files(folder) on a local Ray started before the clock: the read
                 of Ray's batch-inference recipe (read_images, less its decode), its own parallelism
 
@@ -33,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import fsspec
 
 from benchmarks.bench import Monitor
 from benchmarks.dataplane import vitpipe_cmd
@@ -87,6 +91,23 @@ def read_here(uri: str, in_flight: int) -> tuple[int, float, float]:
     return n, time.perf_counter() - t, time.process_time() - c
 
 
+def read_before(uri: str) -> tuple[int, float, float]:
+    """(files, seconds, CPU seconds) of the read actors' loop before 2026-12-02: `fs.cat_file` on each
+    file in turn (which s3fs, since 2026.2, precedes with a HEAD for the object's size)."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    shards = list_shards(SourceSpec(uri=uri, format="images"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    t, c = time.perf_counter(), time.process_time()
+    n = 0
+    for shard in shards:
+        for file in shard.files:
+            fs, path = fsspec.core.url_to_fs(file)
+            n += bool(fs.cat_file(path))
+    return n, time.perf_counter() - t, time.process_time() - c
+
+
 def read_ray(uri: str) -> tuple[int, float, float]:
     """(records, seconds, CPU seconds of Ray's workers) of ray.data.read_binary_files. A read of one
     file first, untimed: Ray Data's helper actors and the read workers are started before the clock,
@@ -113,7 +134,7 @@ def reads_at(uri: str, store: str, ms: int, in_flight: int) -> list[dict]:
                  num_cpus=2)  # its workers take this store address
         try:
             results = {"a vitpipe": read_here(uri, in_flight), "b one by one": read_here(uri, 1),
-                       "c ray recipe": read_ray(uri)}
+                       "b0 before": read_before(uri), "c ray recipe": read_ray(uri)}
         finally:
             ray.shutdown()
             if proxy:

@@ -79,6 +79,6 @@ def test_the_image_folder_benchmark_reads_every_file_three_ways(s3_server, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "folder.json").read_text())["rows"]
     assert {(row["latency_ms"], row["approach"]) for row in rows} == {
-        (ms, a) for ms in (0, 5) for a in ("a vitpipe", "b one by one", "c ray recipe")}
+        (ms, a) for ms in (0, 5) for a in ("a vitpipe", "b one by one", "b0 before", "c ray recipe")}
     assert {row["images"] for row in rows} == {24}
     assert "| 5 ms | b one by one | 24 |" in (tmp_path / "folder.md").read_text()
