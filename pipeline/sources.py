@@ -552,7 +552,8 @@ def fetch_in_order(fs, paths: list[str], in_flight: int) -> Iterator[bytes | OSE
 def _one_request(fs) -> dict:
     """Read each file in one GET. s3fs (since 2026.2) and adlfs can split a file's read into
     concurrent ranges, and s3fs asks for the object's size first to decide: a HEAD before every
-    GET, twice the round trips and ~1 CPU-ms more per image. An image is small."""
+    GET, twice the round trips and about as much CPU again (benchmarks/image_folder.py). An image
+    is small."""
     if not fs.async_impl:
         return {}
     return {"max_concurrency": 1} if "max_concurrency" in inspect.signature(fs._cat_file).parameters else {}
