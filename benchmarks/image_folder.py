@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -43,7 +44,7 @@ from benchmarks.dataplane import vitpipe_cmd
 from pipeline.config import SourceSpec
 from pipeline.demo import digit_jpegs
 from pipeline.s3local import environ, start_seaweedfs
-from pipeline.sources import list_shards, read_parts
+from pipeline.sources import Shard, list_shards, read_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "vitpipe-bench-folder"
@@ -78,34 +79,32 @@ def start_proxy(delay_s: float, store: str) -> tuple[multiprocessing.Process, in
     return proc, ports.get(timeout=60)
 
 
-def read_here(uri: str, in_flight: int) -> tuple[int, float, float]:
-    """(records, seconds, CPU seconds) of reading every shard of the folder with read_parts."""
+def timed_read(uri: str, read: Callable[[list[Shard]], int]) -> tuple[int, float, float]:
+    """(records, seconds, CPU seconds) of `read` over the folder's shards, with a filesystem that has
+    not listed the folder, as a read actor's (no object sizes cached from the listing)."""
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # a filesystem for this store address, made now
-    source = SourceSpec(uri=uri, format="images", requests_in_flight=in_flight)
-    shards = list_shards(source)
-    s3fs.S3FileSystem.clear_instance_cache()  # as in a read actor: no sizes cached from the listing
-    t, c = time.perf_counter(), time.process_time()
-    n = sum(p.records.num_rows for s in shards for p in read_parts(s, source))
-    return n, time.perf_counter() - t, time.process_time() - c
-
-
-def read_before(uri: str) -> tuple[int, float, float]:
-    """(files, seconds, CPU seconds) of the read actors' loop before 2026-12-02: `fs.cat_file` on each
-    file in turn (which s3fs, since 2026.2, precedes with a HEAD for the object's size)."""
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
     shards = list_shards(SourceSpec(uri=uri, format="images"))
     s3fs.S3FileSystem.clear_instance_cache()
     t, c = time.perf_counter(), time.process_time()
-    n = 0
-    for shard in shards:
-        for file in shard.files:
-            fs, path = fsspec.core.url_to_fs(file)
-            n += bool(fs.cat_file(path))
+    n = read(shards)
     return n, time.perf_counter() - t, time.process_time() - c
+
+
+def read_here(uri: str, in_flight: int) -> tuple[int, float, float]:
+    """vitpipe's read stage (read_parts) with `in_flight` GETs under way."""
+    source = SourceSpec(uri=uri, format="images", requests_in_flight=in_flight)
+    return timed_read(uri, lambda shards: sum(p.records.num_rows for s in shards for p in read_parts(s, source)))
+
+
+def read_before(uri: str) -> tuple[int, float, float]:
+    """The read actors' loop before 2026-12-02: `fs.cat_file` on each file in turn (which s3fs, since
+    2026.2, precedes with a HEAD for the object's size)."""
+    def read(shards: list[Shard]) -> int:
+        return sum(bool(fs.cat_file(path)) for s in shards for fs, path in map(fsspec.core.url_to_fs, s.files))
+
+    return timed_read(uri, read)
 
 
 def read_ray(uri: str) -> tuple[int, float, float]:

@@ -31,7 +31,7 @@ import json
 import posixpath
 import tarfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
@@ -532,17 +532,20 @@ def fetch_in_order(fs, paths: list[str], in_flight: int) -> Iterator[bytes | OSE
     this way, 3.4 from 32 threads, 3.7 one at a time)."""
     one = _one_request(fs)
     if in_flight <= 1 or not fs.async_impl:
-        yield from (_fetch(fs, p, one) for p in paths)
+        yield from (_or_error(functools.partial(fs.cat_file, p, **one)) for p in paths)
         return
+
+    def start(path: str) -> Future:
+        return asyncio.run_coroutine_threadsafe(fs._cat_file(path, **one), fs.loop)
+
     todo = iter(paths)
-    window: deque[Future] = deque(asyncio.run_coroutine_threadsafe(fs._cat_file(p, **one), fs.loop)
-                                  for p in itertools.islice(todo, in_flight))
+    window: deque[Future] = deque(start(p) for p in itertools.islice(todo, in_flight))
     try:
         while window:
-            got = _outcome(window.popleft())
+            got = _or_error(window.popleft().result)
             following = next(todo, None)  # keep in_flight under way, and never a whole shard in memory
             if following is not None:
-                window.append(asyncio.run_coroutine_threadsafe(fs._cat_file(following, **one), fs.loop))
+                window.append(start(following))
             yield got
     finally:  # the reader stopped early (a fault, or the job ending): no GETs left behind
         for f in window:
@@ -559,15 +562,8 @@ def _one_request(fs) -> dict:
     return {"max_concurrency": 1} if "max_concurrency" in inspect.signature(fs._cat_file).parameters else {}
 
 
-def _outcome(f: Future) -> bytes | OSError:
+def _or_error(read: Callable[[], bytes]) -> bytes | OSError:
     try:
-        return f.result()
+        return read()
     except OSError as e:  # the file's own fault; anything else is the shard's (read_parts)
-        return e
-
-
-def _fetch(fs, path: str, one: dict) -> bytes | OSError:
-    try:
-        return fs.cat_file(path, **one)
-    except OSError as e:
         return e
