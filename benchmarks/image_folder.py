@@ -12,9 +12,14 @@ loopback proxy, in a process of its own, that holds every request L ms first, te
                 sends a HEAD before each GET there)
   c ray recipe  ray.data.read_binary_files(folder) on a local Ray started before the clock: the read
                 of Ray's batch-inference recipe (read_images, less its decode), its own parallelism
+  p parquet     the same files named by a Parquet file's rows, as Hugging Face `datasets` writes an
+                image it did not embed (struct<bytes: null, path>): read_parts with
+                source.requests_in_flight GETs under way
+  p1 one by one the same with requests_in_flight 1 (before 2026-12-02 such files were read one at a
+                time, with a HEAD before each GET as in b0)
 
-Reported: seconds, images/s, CPU-ms per image of the reading processes (a, b: this process with
-fsspec's event loop; c: Ray's workers) and the ratios a/b, a/c. With --run, at the highest
+Reported: seconds, images/s, CPU-ms per image of the reading processes (a, b, p, p1: this process with
+fsspec's event loop; c: Ray's workers) and the ratios a/b, a/c, p/p1. With --run, at the highest
 latency, whole `vitpipe run` processes too (the bundled model, labels from the class folders,
 Parquet to local disk), with 32 requests in flight and with 1.
 
@@ -38,6 +43,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from benchmarks.bench import Monitor
 from benchmarks.dataplane import vitpipe_cmd
@@ -50,13 +57,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "vitpipe-bench-folder"
 
 
-def write_folder(fs, n: int) -> str:
-    """n small JPEGs as CLASS/NNNNNN.jpg under one prefix (the digits again and again)."""
+def write_folder(fs, n: int) -> tuple[str, str]:
+    """n small JPEGs as CLASS/NNNNNN.jpg under one prefix (the digits again and again), and a Parquet
+    file beside the prefix whose rows name them (datasets' Image feature, bytes null): the URIs of both."""
     samples = digit_jpegs("train")
+    files = {f"imgs/{label}/{i:06d}.jpg": data for i, (data, label) in ((i, samples[i % len(samples)]) for i in range(n))}
     fs.makedirs(BUCKET, exist_ok=True)
-    fs.pipe({f"{BUCKET}/imgs/{label}/{i:06d}.jpg": data
-             for i, (data, label) in ((i, samples[i % len(samples)]) for i in range(n))})
-    return f"s3://{BUCKET}/imgs"
+    fs.pipe({f"{BUCKET}/{name}": data for name, data in files.items()})
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = pa.table({"image": pa.array([{"bytes": None, "path": name} for name in files], image)})
+    with fs.open(f"{BUCKET}/train.parquet", "wb") as f:
+        pq.write_table(rows, f)
+    return f"s3://{BUCKET}/imgs", f"s3://{BUCKET}/train.parquet"
 
 
 def serve_proxy(delay_s: float, upstream: tuple[str, int], ports) -> None:
@@ -79,23 +91,30 @@ def start_proxy(delay_s: float, store: str) -> tuple[multiprocessing.Process, in
     return proc, ports.get(timeout=60)
 
 
-def timed_read(uri: str, read: Callable[[list[Shard]], int]) -> tuple[int, float, float]:
-    """(records, seconds, CPU seconds) of `read` over the folder's shards, with a filesystem that has
+def timed_read(source: SourceSpec, read: Callable[[list[Shard]], int]) -> tuple[int, float, float]:
+    """(records, seconds, CPU seconds) of `read` over the source's shards, with a filesystem that has
     not listed the folder, as a read actor's (no object sizes cached from the listing)."""
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # a filesystem for this store address, made now
-    shards = list_shards(SourceSpec(uri=uri, format="images"))
+    shards = list_shards(source)
     s3fs.S3FileSystem.clear_instance_cache()
     t, c = time.perf_counter(), time.process_time()
     n = read(shards)
     return n, time.perf_counter() - t, time.process_time() - c
 
 
-def read_here(uri: str, in_flight: int) -> tuple[int, float, float]:
-    """vitpipe's read stage (read_parts) with `in_flight` GETs under way."""
-    source = SourceSpec(uri=uri, format="images", requests_in_flight=in_flight)
-    return timed_read(uri, lambda shards: sum(p.records.num_rows for s in shards for p in read_parts(s, source)))
+def read_here(source: SourceSpec) -> tuple[int, float, float]:
+    """vitpipe's read stage (read_parts) with source.requests_in_flight GETs under way."""
+    return timed_read(source, lambda shards: sum(p.records.num_rows for s in shards for p in read_parts(s, source)))
+
+
+def images(uri: str, in_flight: int) -> SourceSpec:
+    return SourceSpec(uri=uri, format="images", requests_in_flight=in_flight)
+
+
+def parquet_paths(uri: str, in_flight: int) -> SourceSpec:
+    return SourceSpec(uri=uri, format="parquet", image_column="image", requests_in_flight=in_flight)
 
 
 def read_before(uri: str) -> tuple[int, float, float]:
@@ -104,7 +123,7 @@ def read_before(uri: str) -> tuple[int, float, float]:
     def read(shards: list[Shard]) -> int:
         return sum(bool(fs.cat_file(path)) for s in shards for fs, path in map(fsspec.core.url_to_fs, s.files))
 
-    return timed_read(uri, read)
+    return timed_read(images(uri, 1), read)
 
 
 def read_ray(uri: str) -> tuple[int, float, float]:
@@ -123,8 +142,8 @@ def read_ray(uri: str) -> tuple[int, float, float]:
     return n, seconds, cpu
 
 
-def reads_at(uri: str, store: str, ms: int, in_flight: int) -> list[dict]:
-    """Rows a, b and c with `ms` added to every request (0: the store as it is)."""
+def reads_at(uri: str, table: str, store: str, ms: int, in_flight: int) -> list[dict]:
+    """Rows a, b, b0, c, p and p1 with `ms` added to every request (0: the store as it is)."""
     import ray
 
     proxy, port = start_proxy(ms / 1000, store) if ms else (None, None)
@@ -132,8 +151,10 @@ def reads_at(uri: str, store: str, ms: int, in_flight: int) -> list[dict]:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
                  num_cpus=2)  # its workers take this store address
         try:
-            results = {"a vitpipe": read_here(uri, in_flight), "b one by one": read_here(uri, 1),
-                       "b0 before": read_before(uri), "c ray recipe": read_ray(uri)}
+            results = {"a vitpipe": read_here(images(uri, in_flight)), "b one by one": read_here(images(uri, 1)),
+                       "b0 before": read_before(uri), "c ray recipe": read_ray(uri),
+                       "p parquet": read_here(parquet_paths(table, in_flight)),
+                       "p1 one by one": read_here(parquet_paths(table, 1))}
         finally:
             ray.shutdown()
             if proxy:
@@ -178,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, runs = [], []
     try:
         with environ(server.env if server else {}):
-            uri = write_folder(s3fs.S3FileSystem(skip_instance_cache=True), a.images)
+            uri, table = write_folder(s3fs.S3FileSystem(skip_instance_cache=True), a.images)
             for ms in latencies:
-                rows += reads_at(uri, store, ms, a.in_flight)
+                rows += reads_at(uri, table, store, ms, a.in_flight)
             if a.run:
                 runs = runs_at(uri, store, max(latencies), a.in_flight)
     finally:
@@ -199,8 +220,9 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict) -> str:
     lines = [f"# Reading an image folder from S3 ({meta['when']}, `{meta['command']}`)", "",
              "| store latency added | approach | images | s | images/s | CPU-ms/img | vitpipe / this |",
              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        a = next(x for x in rows if x["latency_ms"] == r["latency_ms"] and x["approach"] == "a vitpipe")
+    for r in rows:  # the ratio: to a for the folder's rows, to p for the Parquet file's
+        ref = "p parquet" if r["approach"].startswith("p") else "a vitpipe"
+        a = next(x for x in rows if x["latency_ms"] == r["latency_ms"] and x["approach"] == ref)
         ratio = "" if r is a else f"{a['images_per_s'] / r['images_per_s']:.2f}"
         lines.append(f"| {r['latency_ms']} ms | {r['approach']} | {r['images']} | {r['seconds']} | "
                      f"{r['images_per_s']} | {r['cpu_ms_per_image']} | {ratio} |")

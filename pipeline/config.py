@@ -37,9 +37,10 @@ class SourceSpec(Spec):
     key_column: str | None = Field(None, description="parquet: the column with record keys (else file name + row number).")
     images_per_shard: int = Field(256, ge=1, description="images: how many files make one shard.")
     requests_in_flight: int = Field(
-        32, ge=1, le=1024, description="images: files one read actor fetches at once from an object store (each "
-                                       "GET waits tens of ms there); 1 fetches one at a time. Local disk reads "
-                                       "one at a time whatever this says.")
+        32, ge=1, le=1024, description="images, and parquet rows whose image is a path (Hugging Face datasets): "
+                                       "files one read actor fetches at once from an object store (each GET "
+                                       "waits tens of ms there); 1 fetches one at a time. Local disk reads one "
+                                       "at a time whatever this says.")
     label_from: Literal["none", "folder"] = Field(
         "none", description="images: folder takes each image's label from its class folder (CLASS/NAME.JPEG, as "
                             "ImageNet and torchvision's ImageFolder lay it out), mapped to the model's label names "

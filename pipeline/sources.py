@@ -450,43 +450,49 @@ def _read_parquet(shard: Shard, source: SourceSpec, labels: dict[str, int]) -> I
         names = classlabel_names(pf.schema_arrow, source.label_column) if source.label_column and labels else None
         row = 0
         for batch in pf.iter_batches(batch_size=256, columns=columns):
-            images = batch.column(source.image_column).to_pylist()
+            cells = batch.column(source.image_column).to_pylist()
+            images = _images_of(cells, fs, path, source.requests_in_flight)
             keys = batch.column(source.key_column).to_pylist() if source.key_column else None
             ys = batch.column(source.label_column).to_pylist() if source.label_column else None
-            for i, cell in enumerate(images):
+            for i, (cell, data) in enumerate(zip(cells, images, strict=True)):
                 key = str(keys[i]) if keys else f"{base}/{row}"
                 y = ys[i] if ys else None
                 if y is not None and names:  # a ClassLabel: its name, then the model's index for it
                     y = labels.get(names[y]) if 0 <= y < len(names) else None
                 member = (isinstance(cell, dict) and cell.get("path")) or f"row {row}"  # datasets' Image: its path
-                try:
-                    data = _image_of(cell, fs, path)
-                except OSError as e:
+                if isinstance(data, OSError):
                     yield Record(key, member, None, y, status="error", error_type="ReadError",
-                                 message=f"{shard.uri} row {row}: image path {cell['path']!r}: {e}")
+                                 message=f"{shard.uri} row {row}: image path {cell['path']!r}: {data}")
                 else:
                     yield Record(key, member, data, None if y is None else int(y))
                 row += 1
 
 
-def _image_of(cell: bytes | dict | None, fs, parquet_path: str) -> bytes | None:
-    """An image cell's bytes: plain bytes, or datasets' Image feature {bytes, path}, whose bytes may
-    be null with the image in a file it names (OSError when that file cannot be read)."""
-    if not isinstance(cell, dict):
-        return cell
-    if cell.get("bytes") is None and cell.get("path"):
-        return _image_beside(fs, parquet_path, cell["path"])
-    return cell.get("bytes")
+def _images_of(cells: list, fs, parquet_path: str, in_flight: int) -> list[bytes | OSError | None]:
+    """A batch of image cells' bytes: plain bytes, or datasets' Image feature {bytes, path}, whose
+    bytes may be null with the image in a file it names (an OSError where that file cannot be read).
+    Those files are fetched like an image folder's, `in_flight` GETs under way (fetch_in_order):
+    one at a time, a shard of them on an object store mostly waited."""
+    out = [cell.get("bytes") if isinstance(cell, dict) else cell for cell in cells]
+    by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}  # almost always one: the Parquet file's
+    for i, cell in enumerate(cells):
+        if isinstance(cell, dict) and cell.get("bytes") is None and cell.get("path"):
+            other, p = _image_beside(fs, parquet_path, cell["path"])
+            by_fs.setdefault(id(other), (other, []))[1].append((i, p))
+    for other, wanted in by_fs.values():
+        fetched = fetch_in_order(other, [p for _, p in wanted], in_flight)
+        for (i, _), data in zip(wanted, fetched, strict=True):
+            out[i] = data
+    return out
 
 
-def _image_beside(fs, parquet_path: str, image_path: str) -> bytes:
-    """An image a `datasets` row names by path: a URI or absolute path as is, else beside the file."""
+def _image_beside(fs, parquet_path: str, image_path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Where an image a `datasets` row names by path lies: a URI or absolute path as is, else beside the file."""
     if "://" in image_path:
-        other, p = fsspec.core.url_to_fs(image_path)
-        return other.cat_file(p)
+        return fsspec.core.url_to_fs(image_path)
     if not image_path.startswith("/"):
         image_path = posixpath.join(posixpath.dirname(parquet_path), image_path)
-    return fs.cat_file(image_path)
+    return fs, image_path
 
 
 # --- A folder of image files -----------------------------------------------------------------------

@@ -177,6 +177,34 @@ def test_a_reader_that_stops_early_starts_no_more_gets(slow_store):
     assert proxy.requests - before <= 5  # the 4 of the window, and the one started as the first was handed on
 
 
+def test_parquet_rows_whose_images_are_paths_are_fetched_in_flight(slow_store):
+    """Parquet from Hugging Face `datasets` may hold an image as a path beside the file (bytes null)
+    instead of its bytes: on an object store those files are fetched several at a time, as an image
+    folder's are, and each row still gets its own image, in row order; inline bytes stay as they
+    are, a URI is read where it points, and a file that is not there is that row's ReadError."""
+    store, proxy = slow_store
+    store.mkdir("vitpipe-hf")
+    files = {f"imgs/{i}.png": image_bytes(6, 6, "PNG", seed=i) for i in range(8)}
+    store.pipe({f"vitpipe-hf/data/{k}": v for k, v in files.items()})
+    inline = image_bytes(6, 6, "PNG", seed=99)
+    cells = [{"bytes": None, "path": k} for k in files] + [
+        {"bytes": inline, "path": None},
+        {"bytes": None, "path": "s3://vitpipe-hf/data/imgs/7.png"},
+        {"bytes": None, "path": "imgs/missing.png"}]
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": pa.array(cells, image)}), buf)
+    store.pipe("vitpipe-hf/data/train-00000.parquet", buf.getvalue())
+    source = SourceSpec(uri="s3://vitpipe-hf/data/train-00000.parquet", format="parquet", image_column="image",
+                        requests_in_flight=4)
+    recs = _records(source)
+    assert [r["image"] for r in recs[:10]] == [*files.values(), inline, files["imgs/7.png"]]
+    assert [r["key"] for r in recs] == [f"train-00000/{i}" for i in range(11)]
+    assert recs[-1]["status"] == "error" and recs[-1]["error_type"] == "ReadError"
+    assert "imgs/missing.png" in recs[-1]["error_message"] and recs[-1]["member"] == "imgs/missing.png"
+    assert 2 <= proxy.most_in_flight <= 4  # one at a time before: a shard of them on a remote store mostly waited
+
+
 def test_parquet_source_with_key_and_label_columns():
     fs = fsspec.filesystem("memory")
     table = pa.table({"img": [image_bytes(10, 10, seed=i) for i in range(5)], "y": [0, 1, None, 3, 4],
