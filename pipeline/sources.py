@@ -477,7 +477,11 @@ def _images_of(cells: list, fs, parquet_path: str, in_flight: int) -> list[bytes
     by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}  # almost always one: the Parquet file's
     for i, cell in enumerate(cells):
         if isinstance(cell, dict) and cell.get("bytes") is None and cell.get("path"):
-            other, p = _image_beside(fs, parquet_path, cell["path"])
+            try:
+                other, p = _image_beside(fs, parquet_path, cell["path"])
+            except (ValueError, ImportError) as e:  # an unknown protocol, or its package not installed: this row's
+                out[i] = OSError(f"no filesystem for it ({e})")
+                continue
             by_fs.setdefault(id(other), (other, []))[1].append((i, p))
     for other, wanted in by_fs.values():
         fetched = fetch_in_order(other, [p for _, p in wanted], in_flight)

@@ -181,7 +181,8 @@ def test_parquet_rows_whose_images_are_paths_are_fetched_in_flight(slow_store):
     """Parquet from Hugging Face `datasets` may hold an image as a path beside the file (bytes null)
     instead of its bytes: on an object store those files are fetched several at a time, as an image
     folder's are, and each row still gets its own image, in row order; inline bytes stay as they
-    are, a URI is read where it points, and a file that is not there is that row's ReadError."""
+    are, a URI is read where it points, and a file that is not there, or on no filesystem fsspec
+    knows, is that row's ReadError: the rest of the shard goes on."""
     store, proxy = slow_store
     store.mkdir("vitpipe-hf")
     files = {f"imgs/{i}.png": image_bytes(6, 6, "PNG", seed=i) for i in range(8)}
@@ -190,7 +191,8 @@ def test_parquet_rows_whose_images_are_paths_are_fetched_in_flight(slow_store):
     cells = [{"bytes": None, "path": k} for k in files] + [
         {"bytes": inline, "path": None},
         {"bytes": None, "path": "s3://vitpipe-hf/data/imgs/7.png"},
-        {"bytes": None, "path": "imgs/missing.png"}]
+        {"bytes": None, "path": "imgs/missing.png"},
+        {"bytes": None, "path": "nosuch://vitpipe-hf/data/imgs/0.png"}]
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     buf = io.BytesIO()
     pq.write_table(pa.table({"image": pa.array(cells, image)}), buf)
@@ -199,9 +201,10 @@ def test_parquet_rows_whose_images_are_paths_are_fetched_in_flight(slow_store):
                         requests_in_flight=4)
     recs = _records(source)
     assert [r["image"] for r in recs[:10]] == [*files.values(), inline, files["imgs/7.png"]]
-    assert [r["key"] for r in recs] == [f"train-00000/{i}" for i in range(11)]
-    assert recs[-1]["status"] == "error" and recs[-1]["error_type"] == "ReadError"
-    assert "imgs/missing.png" in recs[-1]["error_message"] and recs[-1]["member"] == "imgs/missing.png"
+    assert [r["key"] for r in recs] == [f"train-00000/{i}" for i in range(12)]
+    assert [(r["status"], r["error_type"], r["member"]) for r in recs[10:]] == [
+        ("error", "ReadError", "imgs/missing.png"), ("error", "ReadError", "nosuch://vitpipe-hf/data/imgs/0.png")]
+    assert "nosuch" in recs[-1]["error_message"] and "no filesystem" in recs[-1]["error_message"]
     assert 2 <= proxy.most_in_flight <= 4  # one at a time before: a shard of them on a remote store mostly waited
 
 
