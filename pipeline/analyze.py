@@ -53,6 +53,7 @@ from pipeline.engines.torch_engine import UInt8ViT, resolve_device
 from pipeline.model.checkpoints import Checkpoint, load_model
 from pipeline.model.vit import ViT
 from pipeline.predict import error_table
+from pipeline.progress import Progress, plural
 from pipeline.sources import Part, parts_of
 from pipeline.storage import sweep
 from pipeline.write import PartWriter
@@ -210,13 +211,13 @@ def analyze_job(spec: JobSpec) -> dict:
         new_run_id,
         plan_on_cluster,
         prepare_beside_ray,
-        progress_bar,
         read_stage,
     )
 
     t0 = time.time()
     check_uris(spec)
-    ckpt, shards, labels = prepare_beside_ray(spec, partial(_prepare, spec))
+    progress = Progress(spec, t0)
+    ckpt, shards, labels = prepare_beside_ray(spec, partial(_prepare, spec, progress), progress)
     fs, out = fsspec.core.url_to_fs(spec.output.uri)
     root = f"{out.rstrip('/')}/analysis"
     run_id = new_run_id()
@@ -232,7 +233,8 @@ def analyze_job(spec: JobSpec) -> dict:
     cfg = ckpt.config
     sums, seen, files = np.zeros((cfg.depth, cfg.heads)), set(), []
     counts = {"records": 0, "ok": 0, "errors": 0}
-    with progress_bar(spec) as bar:
+    progress.step(f"starting the read and model actors for {plural(len(shards), 'shard')}")
+    with progress.bar() as bar:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             for r in table.to_pylist():
                 if (r["shard"], r["part"]) in seen:  # a part Ray ran twice: the first report counts
@@ -271,13 +273,13 @@ def analyze_job(spec: JobSpec) -> dict:
     return manifest
 
 
-def _prepare(spec: JobSpec) -> tuple[Checkpoint, list, Any]:
+def _prepare(spec: JobSpec, progress: Progress) -> tuple[Checkpoint, list, Any]:
     """The model, the shards and their label map: loaded while Ray starts (runner.prepare_beside_ray)."""
     from pipeline.labels import plan_labels
-    from pipeline.sources import list_shards
+    from pipeline.runner import listed, load_checkpoint
 
-    ckpt = load_model(spec.model)
-    shards = list_shards(spec.source)
+    ckpt = load_checkpoint(spec, progress)
+    shards = listed(spec, progress)
     return ckpt, shards, plan_labels(spec.source, shards, ckpt)
 
 

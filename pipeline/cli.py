@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run a job spec to a committed Parquet output.",
                          epilog="Job spec fields (section.key: meaning [default]):\n" + describe_spec())
     _job_args(run, "an existing Ray cluster (default: start a local one on 127.0.0.1)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    run.add_argument("--no-progress", action="store_true", help="no start-up lines and no progress bar (for logs)")
     run.add_argument("--verbose", action="store_true", help="also show Ray's own log lines and worker output")
     run.set_defaults(fn=cmd_run)
 
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="analyze.* fields: samples [16], knn_k [5], knn_holdout [0.2], knn_max_images "
                                "[20000]; e.g. --set analyze.samples=32")
     _job_args(an, "an existing Ray cluster (default: start a local one on 127.0.0.1)")
-    an.add_argument("--no-progress", action="store_true", help="no progress line (for logs)")
+    an.add_argument("--no-progress", action="store_true", help="no start-up lines and no progress bar (for logs)")
     an.add_argument("--verbose", action="store_true", help="also show Ray's own log lines and worker output")
     an.set_defaults(fn=cmd_analyze)
 

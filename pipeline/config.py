@@ -182,9 +182,9 @@ class ResourcesSpec(Spec):
 
 class RayOptions(Spec):
     address: str | None = Field(None, description="An existing cluster (ray://... or auto); default: a local Ray.")
-    progress: bool = Field(True, description="Show progress while running.")
+    progress: bool = Field(True, description="Show a line per start-up step, then a progress bar, on stderr.")
     verbose: bool = Field(False, description="Show Ray's own log lines and worker output (quiet by default: "
-                                             "only vitpipe's progress bar, report and errors).")
+                                             "only vitpipe's start-up lines, progress bar, report and errors).")
     stall_timeout_s: float = Field(1800.0, gt=0, description="Fail loudly if no row arrives for this long "
                                                               "(a stuck read or model call), instead of hanging.")
 

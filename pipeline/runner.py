@@ -25,12 +25,12 @@ from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 import ray
-from tqdm import tqdm
 
 from pipeline import page
 from pipeline.cluster import connect
 from pipeline.config import JobSpec
 from pipeline.plan import Plan, plan_resources
+from pipeline.progress import Progress, plural
 from pipeline.report import RunReport, full_speed_at, timeline_points
 from pipeline.sink import ParquetSink, versions
 from pipeline.sources import Shard, ShardReader, list_shards
@@ -53,6 +53,14 @@ def init_ray(spec: JobSpec) -> None:
 def plan_on_cluster(spec: JobSpec, model: ViTConfig) -> Plan:
     """The plan for the nodes alive in the connected Ray cluster now."""
     return plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], model)
+
+
+def cluster_line(spec: JobSpec) -> str:
+    """What the run got from Ray, for its start-up line: where, how many nodes, CPUs and GPUs."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    cpus, gpus = (sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU"))
+    where = f"joined {spec.ray.address}" if spec.ray.address else "local"
+    return f"Ray ready: {where}, {plural(len(nodes), 'node')}, {cpus:g} CPUs, {gpus:g} GPUs"
 
 
 def new_run_id() -> str:
@@ -92,12 +100,8 @@ def model_stage(ds: ray.data.Dataset, actor: type, kwargs: dict, plan: Plan, n_s
                           num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
 
 
-def progress_bar(spec: JobSpec) -> tqdm:
-    """vitpipe's one progress bar (Ray Data's own are off), on stderr, in images."""
-    return tqdm(desc=spec.name, unit="img", disable=not spec.ray.progress, file=sys.stderr, mininterval=1.0)
-
-
-def prepare_beside_ray(spec: JobSpec, prepare: Callable[[], T], undo: Callable[[T], None] | None = None) -> T:
+def prepare_beside_ray(spec: JobSpec, prepare: Callable[[], T], progress: Progress,
+                       undo: Callable[[T], None] | None = None) -> T:
     """Run `prepare` (load the model, list the shards, ...) in a thread while Ray starts in this
     one: Ray takes seconds and needs none of it, and its processes die with the thread that
     started them. If Ray fails to start, `undo` gets what `prepare` made (a lease to give back)."""
@@ -110,6 +114,7 @@ def prepare_beside_ray(spec: JobSpec, prepare: Callable[[], T], undo: Callable[[
             if undo and prepared.exception() is None:
                 undo(prepared.result())
             raise
+        progress.step(cluster_line(spec))
     return prepared.result()
 
 
@@ -172,15 +177,17 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
     t0 = time.time()
     check_uris(spec)
     run_id = new_run_id()
+    progress = Progress(spec, t0)
     ckpt, shards, sink, work, labels = prepare_beside_ray(
-        spec, partial(_prepare, spec, ckpt, run_id), undo=lambda made: made[2].close())  # the lease back
+        spec, partial(_prepare, spec, ckpt, run_id, progress), progress,
+        undo=lambda made: made[2].close())  # the lease back
     model_id = ckpt.model_id
     try:
         meta = {"run_id": run_id, "model_id": model_id, "model_source": ckpt.source,
                 "job": spec.model_dump_json(), "engine": f"{spec.engine.backend}-{spec.engine.precision}"}
         writer = {"uri": spec.output.uri, "run_id": run_id, "metadata": meta,
                   "row_group_rows": spec.output.row_group_rows}
-        engine_check, plan, timing = _process(spec, ckpt, work.todo, sink, t0, shards, writer,
+        engine_check, plan, timing = _process(spec, ckpt, work.todo, sink, progress, shards, writer,
                                               labels.to_index if labels else None)
         wall = time.time() - t0
         c = sink.counts
@@ -224,18 +231,34 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
     return report
 
 
-def _prepare(spec: JobSpec, ckpt: Checkpoint | None, run_id: str):
+def _prepare(spec: JobSpec, ckpt: Checkpoint | None, run_id: str, progress: Progress):
     """The model, the shards, and the output's sink with its lease taken and its work planned.
     Runs beside Ray's start-up: torch is first imported here."""
     from pipeline.labels import plan_labels
-    from pipeline.model.checkpoints import load_model
 
-    ckpt = ckpt or load_model(spec.model)
-    shards = list_shards(spec.source)
+    ckpt = ckpt or load_checkpoint(spec, progress)
+    shards = listed(spec, progress)
     labels = plan_labels(spec.source, shards, ckpt)
     sink = ParquetSink(spec.output, run_id, ckpt.model_id)
     work = sink.begin(shards)  # refuses a finished output in mode error; takes the lease
+    progress.step(f"output {spec.output.uri}: {plural(len(work.todo), 'shard')} to do, {len(work.adopted)} "
+                  f"resumed, {len(work.kept)} unchanged")
     return ckpt, shards, sink, work, labels
+
+
+def load_checkpoint(spec: JobSpec, progress: Progress) -> Checkpoint:
+    from pipeline.model.checkpoints import load_model
+
+    ckpt = load_model(spec.model)
+    progress.step(f"model {ckpt.source} loaded")
+    return ckpt
+
+
+def listed(spec: JobSpec, progress: Progress) -> list[Shard]:
+    shards = list_shards(spec.source)
+    uris = spec.source.uri if isinstance(spec.source.uri, list) else [spec.source.uri]
+    progress.step(f"listed {plural(len(shards), 'shard')} under {', '.join(uris)}")
+    return shards
 
 
 def _decoder(plan: Plan | None, c) -> str:
@@ -248,7 +271,7 @@ def _decoder(plan: Plan | None, c) -> str:
     return "CPU, inside the model actors"
 
 
-def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSink, t0: float,
+def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSink, progress: Progress,
              listed: list[Shard], writer: dict, labels: dict[str, int] | None = None) -> tuple[dict, Plan | None, dict]:
     """Stream the shards to do through Ray; returns (engine check, plan, {"start", "first_row"} in s).
 
@@ -259,14 +282,18 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
     if not todo:
         return {"backend": spec.engine.backend, "reason": "no shard needed processing", "cache": "",
                 "gate": None}, None, {}
+    t0 = progress.t0
     plan = plan_on_cluster(spec, ckpt.config)
     configure_data(spec, plan)
     check = gate.RunCheck.begin(spec, ckpt, listed, plan)
+    if check.where == "first":
+        progress.step(f"engine {check.result['backend']} built and checked on the first listed images")
     ds = build_dataset(spec, todo, plan, check.actor_backend, ckpt.preprocess, writer, check.calibration,
                        check.actor_images, labels)
     timing = {"start": round(time.time() - t0, 3)}
     total = len(todo)
-    bar = progress_bar(spec)
+    progress.step(f"starting the read and model actors for {plural(total, 'shard')}")
+    bar = progress.bar()
     try:
         # prefetch 0: a finished part reaches the sink as soon as it exists
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):

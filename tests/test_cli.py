@@ -55,6 +55,7 @@ def test_demo_labels_held_out_digits_and_inspect_reads_it(tmp_path):
     # The README's analyze command, from the folder the demo ran in (relative paths in the job spec)
     an = _vitpipe("analyze", str(JOBS / "analyze-digits.yaml"), "--no-progress", cwd=tmp_path)
     assert an.returncode == 0, an.stderr[-3000:]
+    assert "Ray ready" not in an.stderr and "listed" not in an.stderr  # --no-progress: no start-up lines either
     manifest = json.loads((out / "analysis" / "_manifest.json").read_text())
     assert manifest["counts"]["ok"] == 359 and "mean attention distance" in an.stdout
     knn = {r["embedding"]: r["accuracy"] for r in manifest["knn"]}

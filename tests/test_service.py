@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -405,7 +406,8 @@ def _listening(pids: set[int]) -> set[tuple[str, int, str]]:
 def test_a_local_run_listens_on_loopback_only_and_shows_only_its_own_lines(tmp_path):
     """`vitpipe run` on a laptop: every socket of every Ray process it starts (GCS, raylet, agents,
     workers, the driver) is bound to loopback, sampled while the job runs; and stderr holds our
-    progress and report, none of Ray's own lines."""
+    progress and report, none of Ray's own lines: a line as each start-up step ends (what it found,
+    seconds since the run started), then the bar."""
     import psutil
 
     write_shards(digit_jpegs("test")[:300], str(tmp_path / "in"), n_shards=3)
@@ -427,6 +429,16 @@ def test_a_local_run_listens_on_loopback_only_and_shows_only_its_own_lines(tmp_p
     for noise in ("Token authentication", "core_worker", "Progress bars disabled", "INFO", "WARNING"):
         assert noise not in stderr, stderr[-2000:]
     assert "img" in stderr and "shards=3/3" in stderr  # our progress bar
+    steps = [re.fullmatch(r"nightly: (.+) \((\d+\.\d) s\)", line) for line in stderr.splitlines()]
+    said = {re.sub(r"\d+ CPUs", "N CPUs", m[1]): float(m[2]) for m in steps if m}  # N: what Ray found here
+    assert set(said) == {"model builtin:digits loaded", f"listed 3 shards under {tmp_path / 'in'}",
+                         f"output {tmp_path / 'out'}: 3 shards to do, 0 resumed, 0 unchanged",
+                         "Ray ready: local, 1 node, N CPUs, 0 GPUs",
+                         "starting the read and model actors for 3 shards"}, stderr[-2000:]
+    assert list(said)[-1].startswith("starting")  # after Ray and the output check, whichever thread ended first
+    report = json.loads((tmp_path / "out" / "_report.json").read_text())
+    assert said["model builtin:digits loaded"] <= said[f"listed 3 shards under {tmp_path / 'in'}"]
+    assert max(said.values()) <= report["time_to_start_s"] + 0.1 < report["time_to_first_row_s"]
 
 
 def test_a_lease_is_taken_over_at_once_only_when_its_holder_is_provably_gone(tmp_path):
