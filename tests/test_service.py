@@ -438,7 +438,7 @@ def test_a_local_run_listens_on_loopback_only_and_shows_only_its_own_lines(tmp_p
     assert list(said)[-1].startswith("starting")  # after Ray and the output check, whichever thread ended first
     report = json.loads((tmp_path / "out" / "_report.json").read_text())
     assert said["model builtin:digits loaded"] <= said[f"listed 3 shards under {tmp_path / 'in'}"]
-    assert max(said.values()) <= report["time_to_start_s"] + 0.1 < report["time_to_first_row_s"]
+    assert max(said.values()) <= report["time_to_start_s"] + 0.5 < report["time_to_first_row_s"]  # .1f rounding, a thread switch
 
 
 def test_a_lease_is_taken_over_at_once_only_when_its_holder_is_provably_gone(tmp_path):
