@@ -247,6 +247,7 @@ def _prepare(spec: JobSpec, ckpt: Checkpoint | None, run_id: str, progress: Prog
 
 
 def load_checkpoint(spec: JobSpec, progress: Progress) -> Checkpoint:
+    """The job's model, and a start-up line once it is in memory (a hub download can take minutes)."""
     from pipeline.model.checkpoints import load_model
 
     ckpt = load_model(spec.model)
@@ -255,6 +256,7 @@ def load_checkpoint(spec: JobSpec, progress: Progress) -> Checkpoint:
 
 
 def listed(spec: JobSpec, progress: Progress) -> list[Shard]:
+    """The source's shards, and a start-up line with how many (a big bucket lists for minutes)."""
     shards = list_shards(spec.source)
     uris = spec.source.uri if isinstance(spec.source.uri, list) else [spec.source.uri]
     progress.step(f"listed {plural(len(shards), 'shard')} under {', '.join(uris)}")
