@@ -110,10 +110,12 @@ def read_here(source: SourceSpec) -> tuple[int, float, float]:
 
 
 def images(uri: str, in_flight: int) -> SourceSpec:
+    """The folder as a `format: images` source."""
     return SourceSpec(uri=uri, format="images", requests_in_flight=in_flight)
 
 
 def parquet_paths(uri: str, in_flight: int) -> SourceSpec:
+    """The Parquet file whose rows name the folder's files, as a `format: parquet` source."""
     return SourceSpec(uri=uri, format="parquet", image_column="image", requests_in_flight=in_flight)
 
 

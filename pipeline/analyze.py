@@ -53,7 +53,7 @@ from pipeline.engines.torch_engine import UInt8ViT, resolve_device
 from pipeline.model.checkpoints import Checkpoint, load_model
 from pipeline.model.vit import ViT
 from pipeline.predict import error_table
-from pipeline.progress import Progress, plural
+from pipeline.progress import Progress
 from pipeline.sources import Part, parts_of
 from pipeline.storage import sweep
 from pipeline.write import PartWriter
@@ -233,7 +233,7 @@ def analyze_job(spec: JobSpec) -> dict:
     cfg = ckpt.config
     sums, seen, files = np.zeros((cfg.depth, cfg.heads)), set(), []
     counts = {"records": 0, "ok": 0, "errors": 0}
-    progress.step(f"starting the read and model actors for {plural(len(shards), 'shard')}")
+    progress.starting(len(shards))
     with progress.bar() as bar:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             for r in table.to_pylist():

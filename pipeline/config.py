@@ -58,6 +58,11 @@ class SourceSpec(Spec):
                              "(webdataset shards carry .cls or .json labels; parquet a label_column)")
         return self
 
+    @property
+    def uris(self) -> list[str]:
+        """source.uri as a list, whether the spec gives one URI or several."""
+        return self.uri if isinstance(self.uri, list) else [self.uri]
+
 
 class ModelSpec(Spec):
     checkpoint: str | None = Field(

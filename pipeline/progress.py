@@ -45,6 +45,10 @@ class Progress:
             sys.stderr.write(f"{self.name}: {done} ({time.time() - self.t0:.1f} s)\n")
             sys.stderr.flush()
 
+    def starting(self, shards: int) -> None:
+        """The last step before the bar: the dataset is built and Ray Data starts its actors."""
+        self.step(f"starting the read and model actors for {plural(shards, 'shard')}")
+
     def bar(self) -> tqdm:
         """The one progress bar, in images."""
         return tqdm(desc=self.name, unit="img", disable=not self.on, file=sys.stderr, mininterval=1.0)

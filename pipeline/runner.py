@@ -50,14 +50,19 @@ def init_ray(spec: JobSpec) -> None:
     connect(spec.ray.address, spec.ray.verbose)
 
 
+def alive_nodes() -> list[dict[str, float]]:
+    """The resources of each node alive in the connected Ray cluster now."""
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
 def plan_on_cluster(spec: JobSpec, model: ViTConfig) -> Plan:
     """The plan for the nodes alive in the connected Ray cluster now."""
-    return plan_resources(spec, [n["Resources"] for n in ray.nodes() if n["Alive"]], model)
+    return plan_resources(spec, alive_nodes(), model)
 
 
 def cluster_line(spec: JobSpec) -> str:
     """What the run got from Ray, for its start-up line: where, how many nodes, CPUs and GPUs."""
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    nodes = alive_nodes()
     cpus, gpus = (sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU"))
     where = f"joined {spec.ray.address}" if spec.ray.address else "local"
     return f"Ray ready: {where}, {plural(len(nodes), 'node')}, {cpus:g} CPUs, {gpus:g} GPUs"
@@ -151,8 +156,7 @@ def configure_data(spec: JobSpec, plan: Plan) -> None:
 
 def check_uris(spec: JobSpec) -> None:
     """memory:// lives in one process; Ray workers would see an empty filesystem."""
-    sources = spec.source.uri if isinstance(spec.source.uri, list) else [spec.source.uri]
-    for name, uri in [("source.uri", u) for u in sources] + [("output.uri", spec.output.uri)]:
+    for name, uri in [("source.uri", u) for u in spec.source.uris] + [("output.uri", spec.output.uri)]:
         if uri.startswith("memory://"):
             raise ValueError(f"{name} {uri!r}: memory:// is private to one process and Ray workers cannot see it; "
                              "use a local folder (file://) or object storage (s3://)")
@@ -258,8 +262,7 @@ def load_checkpoint(spec: JobSpec, progress: Progress) -> Checkpoint:
 def listed(spec: JobSpec, progress: Progress) -> list[Shard]:
     """The source's shards, and a start-up line with how many (a big bucket lists for minutes)."""
     shards = list_shards(spec.source)
-    uris = spec.source.uri if isinstance(spec.source.uri, list) else [spec.source.uri]
-    progress.step(f"listed {plural(len(shards), 'shard')} under {', '.join(uris)}")
+    progress.step(f"listed {plural(len(shards), 'shard')} under {', '.join(spec.source.uris)}")
     return shards
 
 
@@ -294,7 +297,7 @@ def _process(spec: JobSpec, ckpt: Checkpoint, todo: list[Shard], sink: ParquetSi
                        check.actor_images, labels)
     timing = {"start": round(time.time() - t0, 3)}
     total = len(todo)
-    progress.step(f"starting the read and model actors for {plural(total, 'shard')}")
+    progress.starting(total)
     bar = progress.bar()
     try:
         # prefetch 0: a finished part reaches the sink as soon as it exists

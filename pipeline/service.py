@@ -28,8 +28,7 @@ SECRET_HINTS = re.compile(r"(secret|password|token|access[_-]?key|credential)", 
 
 def check_no_secrets(spec: JobSpec) -> None:
     """Refuse specs that carry credentials (user:pass@ in a URI, or secret-looking values)."""
-    sources = spec.source.uri if isinstance(spec.source.uri, list) else [spec.source.uri]
-    for name, uri in [("source.uri", u) for u in sources] + [
+    for name, uri in [("source.uri", u) for u in spec.source.uris] + [
             ("output.uri", spec.output.uri), ("model.checkpoint", spec.model.checkpoint or ""),
             ("engine.cache_uri", spec.engine.cache_uri or "")]:
         if re.match(r"^[a-z0-9+.-]+://[^/@]+:[^/@]+@", uri):

@@ -72,8 +72,7 @@ class SourceError(ValueError):
 
 def list_shards(source: SourceSpec) -> list[Shard]:
     """All shards behind source.uri (one URI or a list), sorted, with an ETag (or size+mtime) for each."""
-    uris = source.uri if isinstance(source.uri, list) else [source.uri]
-    shards = {s.uri: s for uri in uris for s in _list_one(source, uri)}
+    shards = {s.uri: s for uri in source.uris for s in _list_one(source, uri)}
     listed = [shards[u] for u in sorted(shards)]
     if source.format == "parquet":  # a column named wrong is the job's mistake: say so before any work
         missing = _missing_columns(listed[0].uri, source)
@@ -503,7 +502,7 @@ def _image_beside(fs, parquet_path: str, image_path: str) -> tuple[fsspec.Abstra
 
 def source_roots(source: SourceSpec) -> list[str]:
     """The paths of the source's URIs: what an image file's key is relative to."""
-    return [fsspec.core.url_to_fs(u)[1].rstrip("/") for u in ([source.uri] if isinstance(source.uri, str) else source.uri)]
+    return [fsspec.core.url_to_fs(u)[1].rstrip("/") for u in source.uris]
 
 
 def relative_path(path: str, roots: list[str]) -> str:
