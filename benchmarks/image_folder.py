@@ -17,13 +17,18 @@ loopback proxy, in a process of its own, that holds every request L ms first, te
                 source.requests_in_flight GETs under way
   p1 one by one the same with requests_in_flight 1 (before 2026-12-02 such files were read one at a
                 time, with a HEAD before each GET as in b0)
+  a0, l0        a, and the listing below, with botocore's own timestamp parser (dateutil), as before
+                2026-12-02 (storage.fast_s3_timestamps)
 
-Reported: seconds, images/s, CPU-ms per image of the reading processes (a, b, p, p1: this process with
-fsspec's event loop; c: Ray's workers) and the ratios a/b, a/c, p/p1. With --run, at the highest
+and the driver's listing of a bucket of --list-keys loose files (sources.list_shards, the keys
+under a prefix of their own): l vitpipe, l0 with dateutil.
+
+Reported: seconds, images/s (keys/s), CPU-ms per image (key) of the reading processes (a, b, p, p1, l:
+this process with fsspec's event loop; c: Ray's workers) and the ratios a/b, a/c, p/p1, l/l0. With --run, at the highest
 latency, whole `vitpipe run` processes too (the bundled model, labels from the class folders,
 Parquet to local disk), with 32 requests in flight and with 1.
 
-    python -m benchmarks.image_folder --images 2000 --latency-ms 0,20 --run
+    python -m benchmarks.image_folder --images 2000 --list-keys 20000 --latency-ms 0,20 --run
 
 Timings never go into pass/fail tests.
 """
@@ -38,7 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -48,6 +54,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.bench import Monitor
 from benchmarks.dataplane import vitpipe_cmd
+from pipeline import sources
 from pipeline.config import SourceSpec
 from pipeline.demo import digit_jpegs
 from pipeline.s3local import environ, start_seaweedfs
@@ -55,6 +62,13 @@ from pipeline.sources import Shard, list_shards, read_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "vitpipe-bench-folder"
+
+
+def write_keys(fs, n: int) -> str:
+    """n tiny objects under a prefix of their own, for the listing rows: their URI."""
+    fs.makedirs(BUCKET, exist_ok=True)
+    fs.pipe({f"{BUCKET}/keys/{i % 100:02d}/{i:07d}.jpg": b"\xff\xd8" for i in range(n)})
+    return f"s3://{BUCKET}/keys"
 
 
 def write_folder(fs, n: int) -> tuple[str, str]:
@@ -119,6 +133,30 @@ def parquet_paths(uri: str, in_flight: int) -> SourceSpec:
     return SourceSpec(uri=uri, format="parquet", image_column="image", requests_in_flight=in_flight)
 
 
+@contextmanager
+def botocore_timestamps() -> Iterator[None]:
+    """Inside: botocore parses timestamps with its own parser (dateutil), as before 2026-12-02."""
+    from botocore import parsers, utils
+
+    keep = sources.fast_s3_timestamps
+    sources.fast_s3_timestamps = lambda fs: None
+    parsers.DEFAULT_TIMESTAMP_PARSER = utils.parse_timestamp
+    try:
+        yield
+    finally:
+        sources.fast_s3_timestamps = keep
+
+
+def list_here(uri: str) -> tuple[int, float, float]:
+    """(keys, seconds, CPU seconds) of the driver's listing of a folder, on a new filesystem."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    t, c = time.perf_counter(), time.process_time()
+    n = sum(len(s.files) for s in list_shards(images(uri, 1)))
+    return n, time.perf_counter() - t, time.process_time() - c
+
+
 def read_before(uri: str) -> tuple[int, float, float]:
     """The read actors' loop before 2026-12-02: `fs.cat_file` on each file in turn (which s3fs, since
     2026.2, precedes with a HEAD for the object's size)."""
@@ -144,8 +182,8 @@ def read_ray(uri: str) -> tuple[int, float, float]:
     return n, seconds, cpu
 
 
-def reads_at(uri: str, table: str, store: str, ms: int, in_flight: int) -> list[dict]:
-    """Rows a, b, b0, c, p and p1 with `ms` added to every request (0: the store as it is)."""
+def reads_at(uri: str, table: str, keys: str, store: str, ms: int, in_flight: int) -> list[dict]:
+    """Rows a, a0, b, b0, c, p, p1, l and l0 with `ms` added to every request (0: the store as it is)."""
     import ray
 
     proxy, port = start_proxy(ms / 1000, store) if ms else (None, None)
@@ -153,10 +191,14 @@ def reads_at(uri: str, table: str, store: str, ms: int, in_flight: int) -> list[
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
                  num_cpus=2)  # its workers take this store address
         try:
-            results = {"a vitpipe": read_here(images(uri, in_flight)), "b one by one": read_here(images(uri, 1)),
-                       "b0 before": read_before(uri), "c ray recipe": read_ray(uri),
-                       "p parquet": read_here(parquet_paths(table, in_flight)),
-                       "p1 one by one": read_here(parquet_paths(table, 1))}
+            results = {"a vitpipe": read_here(images(uri, in_flight))}
+            with botocore_timestamps():
+                results["a0 dateutil"] = read_here(images(uri, in_flight))
+            results |= {"b one by one": read_here(images(uri, 1)), "b0 before": read_before(uri),
+                        "c ray recipe": read_ray(uri), "p parquet": read_here(parquet_paths(table, in_flight)),
+                        "p1 one by one": read_here(parquet_paths(table, 1)), "l listing": list_here(keys)}
+            with botocore_timestamps():
+                results["l0 listing, dateutil"] = list_here(keys)
         finally:
             ray.shutdown()
             if proxy:
@@ -184,6 +226,7 @@ def runs_at(uri: str, store: str, ms: int, in_flight: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--list-keys", type=int, default=20000, help="loose files for the listing rows l, l0")
     p.add_argument("--latency-ms", default="0,20", help="store latencies to add, comma-separated (0: loopback as is)")
     p.add_argument("--in-flight", type=int, default=SourceSpec.model_fields["requests_in_flight"].default)
     p.add_argument("--run", action="store_true", help="also whole `vitpipe run` processes at the highest latency")
@@ -201,9 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     rows, runs = [], []
     try:
         with environ(server.env if server else {}):
-            uri, table = write_folder(s3fs.S3FileSystem(skip_instance_cache=True), a.images)
+            fs = s3fs.S3FileSystem(skip_instance_cache=True)
+            uri, table = write_folder(fs, a.images)
+            keys = write_keys(fs, a.list_keys)
             for ms in latencies:
-                rows += reads_at(uri, table, store, ms, a.in_flight)
+                rows += reads_at(uri, table, keys, store, ms, a.in_flight)
             if a.run:
                 runs = runs_at(uri, store, max(latencies), a.in_flight)
     finally:
@@ -220,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(rows: list[dict], runs: list[dict], meta: dict) -> str:
     lines = [f"# Reading an image folder from S3 ({meta['when']}, `{meta['command']}`)", "",
-             "| store latency added | approach | images | s | images/s | CPU-ms/img | vitpipe / this |",
+             "| store latency added | approach | images (l: keys) | s | images/s | CPU-ms/img | vitpipe / this |",
              "|---|---|---|---|---|---|---|"]
-    for r in rows:  # the ratio: to a for the folder's rows, to p for the Parquet file's
-        ref = "p parquet" if r["approach"].startswith("p") else "a vitpipe"
+    for r in rows:  # the ratio: to a for the folder's rows, to p for the Parquet file's, to l for listings
+        ref = {"p": "p parquet", "l": "l listing"}.get(r["approach"][0], "a vitpipe")
         a = next(x for x in rows if x["latency_ms"] == r["latency_ms"] and x["approach"] == ref)
         ratio = "" if r is a else f"{a['images_per_s'] / r['images_per_s']:.2f}"
         lines.append(f"| {r['latency_ms']} ms | {r['approach']} | {r['images']} | {r['seconds']} | "

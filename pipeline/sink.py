@@ -38,7 +38,7 @@ import pyarrow as pa
 from pipeline.config import OutputSpec
 from pipeline.ledger import Lease, Ledger, ShardEntry, shard_key
 from pipeline.sources import Shard
-from pipeline.storage import sweep
+from pipeline.storage import fast_s3_timestamps, sweep
 from pipeline.write import pending_dir
 
 
@@ -103,6 +103,7 @@ class ParquetSink:
     def __init__(self, out: OutputSpec, run_id: str, model_id: str):
         self.out, self.run_id, self.model_id = out, run_id, model_id
         self.fs, root = fsspec.core.url_to_fs(out.uri)
+        fast_s3_timestamps(self.fs)  # the output's listings: one LastModified per file
         self.root = root.rstrip("/")
         self.pending_dir = pending_dir(self.root, run_id)
         self.ledger = Ledger(self.fs, self.root)

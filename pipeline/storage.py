@@ -1,4 +1,5 @@
-"""Small object-storage primitives shared by the engine cache and the output lease.
+"""Small object-storage primitives shared by the engine cache, the output lease, the listing
+and the readers.
 
 First-writer-wins needs a conditional create: S3 `PutObject` with `If-None-Match: *`
 (s3fs `mode="create"`; SeaweedFS and AWS honor it), or O_EXCL on a local disk.
@@ -9,8 +10,47 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import posixpath
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 
 import fsspec
+
+
+def fast_s3_timestamps(fs: fsspec.AbstractFileSystem) -> None:
+    """On S3, parse the timestamps botocore meets with the standard library, in this process.
+
+    botocore turns every LastModified into a datetime with dateutil's general parser: one per
+    listed object, one per GET (its Last-Modified header). That was half the CPU of listing a
+    bucket with s3fs (20,000 keys on SeaweedFS: 1.40 -> 0.74 CPU-s, 1.65 -> 0.98 s) and ~0.4 of
+    each GET's 1.7 CPU-ms (benchmarks/image_folder.py). The values are the same tz-aware UTC
+    datetimes; what the fast path does not recognise goes to botocore's own parser.
+
+    botocore's `ResponseParserFactory.set_parser_defaults(timestamp_parser=...)` does this per
+    session, but s3fs makes its sessions itself; every parser without one takes the module's
+    default when it is made, which is once per response: set there, it holds for every client
+    in the process, those made before too."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not {"s3", "s3a"} & set(protocols):
+        return
+    from botocore import parsers
+
+    parsers.DEFAULT_TIMESTAMP_PARSER = s3_timestamp
+
+
+def s3_timestamp(value: str | int | float) -> datetime:
+    """An S3 timestamp: ISO 8601 in XML bodies ("2026-12-02T16:16:53.000Z"), RFC 7231 in headers
+    ("Wed, 02 Dec 2026 16:16:53 GMT"); anything else (epoch numbers, other forms) to botocore."""
+    if isinstance(value, str):
+        try:
+            if value.endswith("Z"):  # (Python 3.10's fromisoformat does not read "Z")
+                return datetime.fromisoformat(value[:-1] + "+00:00")
+            if value.endswith(" GMT"):
+                return parsedate_to_datetime(value)
+        except ValueError:
+            pass
+    from botocore.utils import parse_timestamp
+
+    return parse_timestamp(value)
 
 
 def put_if_absent(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:

@@ -73,13 +73,16 @@ def test_the_driver_profile_sorts_samples_into_roles():
 
 def test_the_image_folder_benchmark_reads_every_file_each_way(s3_server, tmp_path):
     """benchmarks/image_folder.py: each approach reads all 24 files, from the folder or named by a
-    Parquet file's rows, at each store latency."""
-    r = subprocess.run([sys.executable, "-m", "benchmarks.image_folder", "--images", "24", "--latency-ms", "0,5",
+    Parquet file's rows, and each listing finds all 30 keys, at each store latency."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.image_folder", "--images", "24", "--list-keys", "30",
+                        "--latency-ms", "0,5",
                         "--s3", "env", "--out", str(tmp_path), "--name", "folder"],
                        capture_output=True, text=True, timeout=600, env=os.environ | s3_server)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "folder.json").read_text())["rows"]
     assert {(row["latency_ms"], row["approach"]) for row in rows} == {
-        (ms, a) for ms in (0, 5) for a in ("a vitpipe", "b one by one", "b0 before", "c ray recipe", "p parquet", "p1 one by one")}
-    assert {row["images"] for row in rows} == {24}
+        (ms, a) for ms in (0, 5) for a in ("a vitpipe", "a0 dateutil", "b one by one", "b0 before", "c ray recipe",
+                                           "p parquet", "p1 one by one", "l listing", "l0 listing, dateutil")}
+    assert {row["images"] for row in rows if row["approach"][0] != "l"} == {24}
+    assert {row["images"] for row in rows if row["approach"][0] == "l"} == {30}
     assert "| 5 ms | b one by one | 24 |" in (tmp_path / "folder.md").read_text()

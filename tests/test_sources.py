@@ -237,3 +237,49 @@ def test_glob_lists_matching_shards_only(tmp_path):
         (tmp_path / name).write_bytes(tar_bytes([("k.jpg", image_bytes(8, 8))]))
     shards = list_shards(SourceSpec(uri=f"{tmp_path}/a-*.tar"))
     assert [s.uri.rsplit("/", 1)[1] for s in shards] == ["a-000.tar", "a-001.tar"]
+
+
+@pytest.mark.parametrize("value", ["2026-12-02T16:16:53.000Z", "2026-12-02T16:16:53Z", "2026-12-02T16:16:53.123456Z",
+                                   "2026-12-02T16:16:53.123456789Z", "Wed, 02 Dec 2026 16:16:53 GMT",
+                                   "Wed, 02 Dec 2026 16:16:53 -0500", "2026-12-02T16:16:53+02:00", 1764692213,
+                                   "1764692213.5"])
+def test_s3_timestamps_read_as_botocore_reads_them(value):
+    """The standard-library parse that replaces dateutil's gives botocore's own datetimes: same
+    instant, same offset (an aware datetime, never a naive one), for the forms S3 sends and those it
+    hands back to botocore."""
+    from botocore.utils import parse_timestamp
+
+    from pipeline.storage import s3_timestamp
+
+    ours, theirs = s3_timestamp(value), parse_timestamp(value)
+    assert ours == theirs
+    assert ours.utcoffset() == theirs.utcoffset()
+
+
+def test_listing_and_reading_a_bucket_parse_no_timestamp_with_dateutil(s3, monkeypatch):
+    """botocore parses every listed object's LastModified, and each GET's Last-Modified header,
+    with dateutil's general parser: half of the CPU of listing a bucket with s3fs. Listing and
+    fetching (what the driver and a read actor do) leave it unused, and what they find is the same."""
+    import dateutil.parser
+    from botocore import parsers, utils
+
+    files = {f"vitpipe-stamps/photos/{i:03d}.png": image_bytes(4, 4, "PNG", seed=i) for i in range(30)}
+    s3.mkdir("vitpipe-stamps")
+    s3.pipe(files)
+    monkeypatch.setattr(parsers, "DEFAULT_TIMESTAMP_PARSER", utils.parse_timestamp)  # as a fresh process has it
+    calls = []
+    real_parse = dateutil.parser.parse
+    monkeypatch.setattr(dateutil.parser, "parse", lambda *a, **k: calls.append(a[0]) or real_parse(*a, **k))
+
+    s3.invalidate_cache()
+    infos = s3.find("vitpipe-stamps/photos", detail=True)  # botocore's way, for comparison
+    assert len(calls) == len(files)
+    source = SourceSpec(uri="s3://vitpipe-stamps/photos", format="images", images_per_shard=8)
+    shards = list_shards(source)
+    s3.invalidate_cache()
+    again = s3.find("vitpipe-stamps/photos", detail=True)
+    got = list(fetch_in_order(s3, sorted(files), in_flight=4))
+    assert len(calls) == len(files)  # none since
+    assert got == [files[p] for p in sorted(files)]
+    assert {p: i["LastModified"] for p, i in again.items()} == {p: i["LastModified"] for p, i in infos.items()}
+    assert [f for s in shards for f in s.files] == [f"s3://{p}" for p in sorted(files)]
