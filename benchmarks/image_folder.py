@@ -17,16 +17,21 @@ loopback proxy, in a process of its own, that holds every request L ms first, te
                 source.requests_in_flight GETs under way
   p1 one by one the same with requests_in_flight 1 (before 2026-12-02 such files were read one at a
                 time, with a HEAD before each GET as in b0)
-  a0, l0        a, and the listing below, with botocore's own timestamp parser (dateutil), as before
-                2026-12-02 (storage.fast_s3_timestamps)
+  a0 dateutil   a with botocore's own timestamp parser (dateutil), as before 2026-12-02
+                (storage.fast_s3_timestamps)
 
-and the driver's listing of a bucket of --list-keys loose files (sources.list_shards, the keys
-under a prefix of their own): l vitpipe, l0 with dateutil.
+and the driver's listing (sources.list_shards) of --list-keys loose files in 100 folders under a
+prefix of their own:
 
-Reported: seconds, images/s (keys/s), CPU-ms per image (key) of the reading processes (a, b, p, p1, l:
-this process with fsspec's event loop; c: Ray's workers) and the ratios a/b, a/c, p/p1, l/l0. With --run, at the highest
-latency, whole `vitpipe run` processes too (the bundled model, labels from the class folders,
-Parquet to local disk), with 32 requests in flight and with 1.
+  l listing     the folders listed at once, source.requests_in_flight LISTs under way
+                (storage.find_files)
+  l1 one stream requests_in_flight 1: one LIST after another (fs.find)
+  l0 before     one stream, and dateutil's timestamps: the listing before 2026-12-02
+
+Reported: seconds, images/s (keys/s), CPU-ms per image (key) of the reading processes (a, b, p, p1,
+l: this process with fsspec's event loop; c: Ray's workers) and the ratios a/b, a/c, p/p1, l/l1,
+l/l0. With --run, at the highest latency, whole `vitpipe run` processes too (the bundled model,
+labels from the class folders, Parquet to local disk), with 32 requests in flight and with 1.
 
     python -m benchmarks.image_folder --images 2000 --list-keys 20000 --latency-ms 0,20 --run
 
@@ -147,13 +152,13 @@ def botocore_timestamps() -> Iterator[None]:
         sources.fast_s3_timestamps = keep
 
 
-def list_here(uri: str) -> tuple[int, float, float]:
+def list_here(uri: str, in_flight: int) -> tuple[int, float, float]:
     """(keys, seconds, CPU seconds) of the driver's listing of a folder, on a new filesystem."""
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
     t, c = time.perf_counter(), time.process_time()
-    n = sum(len(s.files) for s in list_shards(images(uri, 1)))
+    n = sum(len(s.files) for s in list_shards(images(uri, in_flight)))
     return n, time.perf_counter() - t, time.process_time() - c
 
 
@@ -183,7 +188,7 @@ def read_ray(uri: str) -> tuple[int, float, float]:
 
 
 def reads_at(uri: str, table: str, keys: str, store: str, ms: int, in_flight: int) -> list[dict]:
-    """Rows a, a0, b, b0, c, p, p1, l and l0 with `ms` added to every request (0: the store as it is)."""
+    """Rows a, a0, b, b0, c, p, p1, l, l1 and l0 with `ms` added to every request (0: the store as it is)."""
     import ray
 
     proxy, port = start_proxy(ms / 1000, store) if ms else (None, None)
@@ -196,9 +201,10 @@ def reads_at(uri: str, table: str, keys: str, store: str, ms: int, in_flight: in
                 results["a0 dateutil"] = read_here(images(uri, in_flight))
             results |= {"b one by one": read_here(images(uri, 1)), "b0 before": read_before(uri),
                         "c ray recipe": read_ray(uri), "p parquet": read_here(parquet_paths(table, in_flight)),
-                        "p1 one by one": read_here(parquet_paths(table, 1)), "l listing": list_here(keys)}
+                        "p1 one by one": read_here(parquet_paths(table, 1)), "l listing": list_here(keys, in_flight),
+                        "l1 one stream": list_here(keys, 1)}
             with botocore_timestamps():
-                results["l0 listing, dateutil"] = list_here(keys)
+                results["l0 before"] = list_here(keys, 1)
         finally:
             ray.shutdown()
             if proxy:
@@ -226,7 +232,7 @@ def runs_at(uri: str, store: str, ms: int, in_flight: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--list-keys", type=int, default=20000, help="loose files for the listing rows l, l0")
+    p.add_argument("--list-keys", type=int, default=20000, help="loose files for the listing rows l, l1, l0")
     p.add_argument("--latency-ms", default="0,20", help="store latencies to add, comma-separated (0: loopback as is)")
     p.add_argument("--in-flight", type=int, default=SourceSpec.model_fields["requests_in_flight"].default)
     p.add_argument("--run", action="store_true", help="also whole `vitpipe run` processes at the highest latency")

@@ -40,7 +40,8 @@ class SourceSpec(Spec):
         32, ge=1, le=1024, description="images, and parquet rows whose image is a path (Hugging Face datasets): "
                                        "files one read actor fetches at once from an object store (each GET "
                                        "waits tens of ms there); 1 fetches one at a time. Local disk reads one "
-                                       "at a time whatever this says.")
+                                       "at a time whatever this says. Also the sub-folders of source.uri the "
+                                       "driver lists at once on an object store.")
     label_from: Literal["none", "folder"] = Field(
         "none", description="images: folder takes each image's label from its class folder (CLASS/NAME.JPEG, as "
                             "ImageNet and torchvision's ImageFolder lay it out), mapped to the model's label names "

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from pipeline.config import SourceSpec
 from pipeline.decode import is_image_name
 from pipeline.labels import classlabel_names, folder_of
-from pipeline.storage import fast_s3_timestamps
+from pipeline.storage import fast_s3_timestamps, find_files
 
 RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.large_binary()), ("source_uri", pa.string()), ("source_etag", pa.string()),
@@ -94,7 +94,7 @@ def _list_one(source: SourceSpec, uri: str) -> list[Shard]:
         if fsspec.core.has_magic(path):
             infos = fs.glob(path, detail=True)
         elif fs.isdir(path):
-            infos = fs.find(path, detail=True)
+            infos = find_files(fs, path, source.requests_in_flight)
         elif fs.exists(path):
             infos = {path: fs.info(path)}
         else:

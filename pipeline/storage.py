@@ -7,6 +7,7 @@ First-writer-wins needs a conditional create: S3 `PutObject` with `If-None-Match
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import posixpath
@@ -35,6 +36,32 @@ def fast_s3_timestamps(fs: fsspec.AbstractFileSystem) -> None:
     from botocore import parsers
 
     parsers.DEFAULT_TIMESTAMP_PARSER = s3_timestamp
+
+
+def find_files(fs: fsspec.AbstractFileSystem, path: str, in_flight: int) -> dict[str, dict]:
+    """Every file under the folder `path`, with its info, as `fs.find(path, detail=True)` has them.
+
+    An object store lists 1,000 keys per request, one request after another: on S3, where a LIST
+    takes 50-300 ms, a million loose images took minutes before the first row. On an async
+    filesystem the folder's first level is listed first, then each of its sub-folders (an image
+    folder's classes) at once, `in_flight` LISTs under way. A flat folder is one stream as before."""
+    if in_flight <= 1 or not fs.async_impl:
+        return fs.find(path, detail=True)
+    return fsspec.asyn.sync(fs.loop, _find_by_folder, fs, path, in_flight)
+
+
+async def _find_by_folder(fs: fsspec.AbstractFileSystem, path: str, in_flight: int) -> dict[str, dict]:
+    top = await fs._ls(path, detail=True)
+    found = {i["name"]: i for i in top if i["type"] == "file"}
+    gate = asyncio.Semaphore(in_flight)
+
+    async def below(folder: str) -> dict[str, dict]:
+        async with gate:
+            return await fs._find(folder, detail=True)
+
+    for files in await asyncio.gather(*(below(i["name"]) for i in top if i["type"] == "directory")):
+        found.update(files)
+    return dict(sorted(found.items()))
 
 
 def s3_timestamp(value: str | int | float) -> datetime:

@@ -82,7 +82,7 @@ def test_the_image_folder_benchmark_reads_every_file_each_way(s3_server, tmp_pat
     rows = json.loads((tmp_path / "folder.json").read_text())["rows"]
     assert {(row["latency_ms"], row["approach"]) for row in rows} == {
         (ms, a) for ms in (0, 5) for a in ("a vitpipe", "a0 dateutil", "b one by one", "b0 before", "c ray recipe",
-                                           "p parquet", "p1 one by one", "l listing", "l0 listing, dateutil")}
+                                           "p parquet", "p1 one by one", "l listing", "l1 one stream", "l0 before")}
     assert {row["images"] for row in rows if row["approach"][0] != "l"} == {24}
     assert {row["images"] for row in rows if row["approach"][0] == "l"} == {30}
     assert "| 5 ms | b one by one | 24 |" in (tmp_path / "folder.md").read_text()

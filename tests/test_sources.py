@@ -283,3 +283,27 @@ def test_listing_and_reading_a_bucket_parse_no_timestamp_with_dateutil(s3, monke
     assert got == [files[p] for p in sorted(files)]
     assert {p: i["LastModified"] for p, i in again.items()} == {p: i["LastModified"] for p, i in infos.items()}
     assert [f for s in shards for f in s.files] == [f"s3://{p}" for p in sorted(files)]
+
+
+def test_a_folder_tree_on_s3_is_listed_a_folder_at_a_time_at_once(slow_store):
+    """An object store lists 1,000 keys per request, one after another: a million loose images on S3
+    took minutes to list before the first row. The driver lists the source folder's sub-folders (an
+    image folder's classes) at once, at most source.requests_in_flight LISTs under way, and finds
+    exactly what one recursive listing finds: files at the top, in each folder, and deeper down."""
+    from pipeline.storage import find_files
+
+    store, proxy = slow_store
+    store.mkdir("vitpipe-tree")
+    files = {f"vitpipe-tree/imgs/{c}/{i}.png": image_bytes(4, 4, "PNG", seed=i) for c in "abcdefgh" for i in range(3)}
+    files |= {"vitpipe-tree/imgs/top.png": image_bytes(4, 4, "PNG", seed=50),
+              "vitpipe-tree/imgs/a/deep/er.png": image_bytes(4, 4, "PNG", seed=51)}
+    store.pipe(files)
+    fs, path = fsspec.core.url_to_fs("s3://vitpipe-tree/imgs")  # through the proxy, 50 ms a request
+    listed = find_files(fs, path, in_flight=3)
+    fs.invalidate_cache()
+    assert listed == fs.find(path, detail=True)
+    assert sorted(listed) == sorted(files)
+    assert 2 <= proxy.most_in_flight <= 3  # one LIST after another before
+
+    shards = list_shards(SourceSpec(uri="s3://vitpipe-tree/imgs", format="images", images_per_shard=100))
+    assert [f for s in shards for f in s.files] == [f"s3://{p}" for p in sorted(files)]
