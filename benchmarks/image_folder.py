@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.bench import Monitor
 from benchmarks.dataplane import vitpipe_cmd
-from pipeline import sources
+from pipeline import sources, storage
 from pipeline.config import SourceSpec
 from pipeline.demo import digit_jpegs
 from pipeline.s3local import environ, start_seaweedfs
@@ -143,13 +143,13 @@ def botocore_timestamps() -> Iterator[None]:
     """Inside: botocore parses timestamps with its own parser (dateutil), as before 2026-12-02."""
     from botocore import parsers, utils
 
-    keep = sources.fast_s3_timestamps
-    sources.fast_s3_timestamps = lambda fs: None
+    keep = storage.fast_s3_timestamps
+    sources.fast_s3_timestamps = storage.fast_s3_timestamps = lambda fs: None  # the listing's, the reads'
     parsers.DEFAULT_TIMESTAMP_PARSER = utils.parse_timestamp
     try:
         yield
     finally:
-        sources.fast_s3_timestamps = keep
+        sources.fast_s3_timestamps = storage.fast_s3_timestamps = keep
 
 
 def list_here(uri: str, in_flight: int) -> tuple[int, float, float]:

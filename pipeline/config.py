@@ -161,6 +161,11 @@ class OutputSpec(Spec):
     row_group_rows: int = Field(16_384, ge=1, description="Rows per Parquet row group (one file per shard and kind).")
     lease_ttl_s: float = Field(120.0, gt=0, description="The output lease's lifetime; renewed every third of it "
                                                          "while the run lives, taken over after it by a later run.")
+    requests_in_flight: int = Field(
+        32, ge=1, le=1024, description="An output on an object store: ledger entries the driver reads or writes, "
+                                       "and part files it moves at commit, at once (each request waits tens of ms "
+                                       "there); 1 does one at a time. Local disk does one at a time whatever this "
+                                       "says.")
 
 
 class ResourcesSpec(Spec):

@@ -38,8 +38,12 @@ import pyarrow as pa
 from pipeline.config import OutputSpec
 from pipeline.ledger import Lease, Ledger, ShardEntry, shard_key
 from pipeline.sources import Shard
-from pipeline.storage import fast_s3_timestamps, sweep
+from pipeline.storage import fast_s3_timestamps, find_files, move_files, sweep
 from pipeline.write import pending_dir
+
+# Shards committed together: their files moved (many at once on an object store), then their ledger
+# entries written. A run that dies in its commit redoes at most a chunk's worth of shards.
+COMMIT_CHUNK = 512
 
 
 class OutputExistsError(RuntimeError):
@@ -106,7 +110,7 @@ class ParquetSink:
         fast_s3_timestamps(self.fs)  # the output's listings: one LastModified per file
         self.root = root.rstrip("/")
         self.pending_dir = pending_dir(self.root, run_id)
-        self.ledger = Ledger(self.fs, self.root)
+        self.ledger = Ledger(self.fs, self.root, out.requests_in_flight)
         self.lease = Lease(self.fs, self.root, run_id, out.lease_ttl_s)
         self.counts = Counts()
         self.shards: dict[str, Shard] = {}
@@ -202,25 +206,23 @@ class ParquetSink:
             self.fs.rm_file(f"{self.root}/_SUCCESS")  # readers stop trusting the old state first
         old = self.ledger.entries()
         final: dict[str, ShardEntry] = {e.key: e for e in self.kept}
-        for entry in self.adopted + self.done:
-            pending_root = f"{self.root}/_pending/{entry.run_id}"
-            for f in entry.files:
-                src, dest = f"{pending_root}/{f['path']}", f"{self.root}/{f['path']}"
-                self.fs.makedirs(posixpath.dirname(dest), exist_ok=True)
-                self.fs.mv(src, dest)
-            entry.state = "committed"
-            self.ledger.put(entry)
-            final[entry.key] = entry
+        swapped = self.adopted + self.done
+        for start in range(0, len(swapped), COMMIT_CHUNK):  # a chunk's files in place, then its entries
+            chunk = swapped[start : start + COMMIT_CHUNK]
+            move_files(self.fs, [(f"{self.root}/_pending/{e.run_id}/{f['path']}", f"{self.root}/{f['path']}")
+                                 for e in chunk for f in e.files], self.out.requests_in_flight)
+            for entry in chunk:
+                entry.state = "committed"
+            self.ledger.put_many(chunk)
+        final |= {e.key: e for e in swapped}
         if self.out.mode == "full":  # shards no longer listed leave the output
-            for key in set(old) - set(final):
-                self.ledger.delete(key)
+            self.ledger.delete_many(sorted(set(old) - set(final)))
         else:
             listing = self._listing()
             for key, e in old.items():
                 if key not in final and e.state == "committed" and self._files_exist(e, listing):
                     final[key] = e  # incremental keeps shards it did not list this time
-                elif key not in final:
-                    self.ledger.delete(key)
+            self.ledger.delete_many(sorted(set(old) - set(final)))
         # part files no ledger entry names (a dead run's leftovers), and all pending dirs
         sweep(self.fs, self.root, ("part-*.parquet", "errors/part-*.parquet"), {f["path"] for e in final.values() for f in e.files})
         files = [f for e in sorted(final.values(), key=lambda e: e.uri) for f in e.files]
@@ -270,7 +272,7 @@ class ParquetSink:
         not a HEAD per file (a nightly output of 10,000 shards has 10,000+ files)."""
         self.fs.invalidate_cache()
         try:
-            return {p.rstrip("/") for p in self.fs.find(self.root)}
+            return {p.rstrip("/") for p in find_files(self.fs, self.root, self.out.requests_in_flight)}
         except FileNotFoundError:
             return set()
 

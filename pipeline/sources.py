@@ -22,17 +22,12 @@ incomplete (sink.py).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
-import inspect
-import itertools
 import json
 import posixpath
 import tarfile
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -43,7 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.config import SourceSpec
 from pipeline.decode import is_image_name
 from pipeline.labels import classlabel_names, folder_of
-from pipeline.storage import fast_s3_timestamps, find_files
+from pipeline.storage import fast_s3_timestamps, fetch_in_order, find_files
 
 RECORD_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.large_binary()), ("source_uri", pa.string()), ("source_etag", pa.string()),
@@ -532,50 +527,3 @@ def _read_images(shard: Shard, source: SourceSpec, labels: dict[str, int]) -> It
                          source_uri=uri)
         else:
             yield Record(key, rel, data, label, source_uri=uri)
-
-
-def fetch_in_order(fs, paths: list[str], in_flight: int) -> Iterator[bytes | OSError]:
-    """Each file's bytes, or the OSError reading it raised, in the order of `paths`. On an async
-    filesystem (s3fs, gcsfs, adlfs, http) `in_flight` GETs stay under way on its event loop, a new
-    one started as each result is handed on: one at a time, a read actor on an object store mostly
-    waited (S3 answers in 10-50 ms: 20-100 files/s). Coroutines on fsspec's own loop, not threads
-    calling its sync API, which cost more CPU per file (SeaweedFS on loopback, per GET: ~2.9 CPU-ms
-    this way, 3.4 from 32 threads, 3.7 one at a time)."""
-    one = _one_request(fs)
-    fast_s3_timestamps(fs)  # ~0.4 CPU-ms of each S3 GET
-    if in_flight <= 1 or not fs.async_impl:
-        yield from (_or_error(functools.partial(fs.cat_file, p, **one)) for p in paths)
-        return
-
-    def start(path: str) -> Future:
-        return asyncio.run_coroutine_threadsafe(fs._cat_file(path, **one), fs.loop)
-
-    todo = iter(paths)
-    window: deque[Future] = deque(start(p) for p in itertools.islice(todo, in_flight))
-    try:
-        while window:
-            got = _or_error(window.popleft().result)
-            following = next(todo, None)  # keep in_flight under way, and never a whole shard in memory
-            if following is not None:
-                window.append(start(following))
-            yield got
-    finally:  # the reader stopped early (a fault, or the job ending): no GETs left behind
-        for f in window:
-            f.cancel()
-
-
-def _one_request(fs) -> dict:
-    """Read each file in one GET. s3fs (since 2026.2) and adlfs can split a file's read into
-    concurrent ranges, and s3fs asks for the object's size first to decide: a HEAD before every
-    GET, twice the round trips and about as much CPU again (benchmarks/image_folder.py). An image
-    is small."""
-    if not fs.async_impl:
-        return {}
-    return {"max_concurrency": 1} if "max_concurrency" in inspect.signature(fs._cat_file).parameters else {}
-
-
-def _or_error(read: Callable[[], bytes]) -> bytes | OSError:
-    try:
-        return read()
-    except OSError as e:  # the file's own fault; anything else is the shard's (read_parts)
-        return e

@@ -48,3 +48,20 @@ def ray_cluster(s3_server):
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture()
+def slow_store(s3, monkeypatch):
+    """The session's SeaweedFS behind a loopback proxy that holds each request 50 ms, as a remote
+    store would (tests/faultproxy.py); the filesystems url_to_fs makes during the test go through
+    it. Yields (a filesystem straight to the store, the proxy)."""
+    import s3fs
+    from faultproxy import FaultProxy
+
+    s3.ls("")  # its client is made now, at the store's own address: the test's set-up does not go through the proxy
+    proxy = FaultProxy(faults=False, delay_s=0.05)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    s3fs.S3FileSystem.clear_instance_cache()  # url_to_fs must make one that goes through the proxy
+    yield s3, proxy
+    proxy.stop()
+    s3fs.S3FileSystem.clear_instance_cache()  # and none may outlive the proxy

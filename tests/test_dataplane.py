@@ -178,6 +178,68 @@ def test_the_driver_finishes_a_shard_when_all_its_parts_reported_and_drops_a_ret
         sink.close()
 
 
+def _part_result(shard: Shard, path: str, records: int = 4) -> dict:
+    """One part's record, as a model actor sends it: the shard's only part, in one file."""
+    counts = {"records": records, "ok": records, "errors": {}, "skipped": {}, "labeled": 0, "correct": 0}
+    files = [{"path": path, "kind": "ok", "rows": records, "bytes": 4, "sha256": "0"}]
+    return {"shard": shard.uri, "part": 0, "last": True, "fault": None, "files": json.dumps(files),
+            "counts": json.dumps(counts), "check": None, "node": "n1", "finished_at": 0.0}
+
+
+def _run_through(out: OutputSpec, run_id: str, shards: list[Shard], store) -> tuple:
+    """A run's bookkeeping on the output, no Ray: begin, a staged file and a record per shard to do,
+    commit. Returns (the shard plan, the manifest)."""
+    sink = ParquetSink(out, run_id, "model1")
+    try:
+        plan = sink.begin(shards)
+        for i, shard in enumerate(plan.todo):
+            path = f"part-{run_id}-{i:02d}.parquet"
+            store.pipe(f"{out.uri.removeprefix('s3://')}/_pending/{run_id}/{path}", b"rows")
+            sink.add(_part_result(shard, path))
+        return plan, sink.commit({"run_id": run_id})
+    except BaseException as e:
+        sink.abort(e)
+        raise
+
+
+def test_the_output_bookkeeping_on_s3_keeps_many_requests_under_way(slow_store):
+    """The driver's own reads and writes of an output on an object store: the ledger read at the
+    start (a GET per shard), the commit's moves (a copy and a delete per file) and its ledger
+    writes, the entries of shards no longer listed removed. One request after another, a nightly
+    run over 10,000 shards at 20 ms a request waited minutes before its first row and after its
+    last. Through a proxy that holds each request 50 ms: several under way at once, and the output
+    is what one at a time made of it."""
+    store, proxy = slow_store
+    store.mkdir("vitpipe-commit")
+    out = OutputSpec(uri="s3://vitpipe-commit/out", mode="incremental")
+    shards = [Shard(f"s3://in/{i:02d}.tar", f"etag{i}", 10) for i in range(12)]
+
+    proxy.most_in_flight = 0
+    plan, manifest = _run_through(out, "run1", shards, store)
+    assert len(plan.todo) == 12 and manifest["totals"] == {"shards": 12, "records": 48, "ok": 48, "errors": 0,
+                                                            "skipped": 0}
+    assert proxy.most_in_flight >= 4  # the commit: one request at a time before
+    store.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in store.glob("vitpipe-commit/out/part-*")) == [
+        f"part-run1-{i:02d}.parquet" for i in range(12)]
+    assert not [p for p in store.find("vitpipe-commit/out/_pending") if p.endswith(".parquet")]  # all moved
+    ledger = [json.loads(store.cat_file(p)) for p in store.glob("vitpipe-commit/out/_ledger/*.json")]
+    assert sorted(e["uri"] for e in ledger) == [s.uri for s in shards] and {e["state"] for e in ledger} == {"committed"}
+
+    proxy.most_in_flight = 0
+    plan, _ = _run_through(out, "run2", shards, store)  # nothing changed: every shard kept
+    assert (len(plan.todo), len(plan.kept)) == (0, 12)
+    assert proxy.most_in_flight >= 4  # the ledger's GETs: one at a time before
+
+    plan, manifest = _run_through(out.model_copy(update={"mode": "full"}), "run3", shards[:5], store)
+    assert len(plan.todo) == 5 and manifest["totals"]["shards"] == 5
+    store.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[1] for p in store.glob("vitpipe-commit/out/part-*")) == [
+        f"part-run3-{i:02d}.parquet" for i in range(5)]
+    assert sorted(json.loads(store.cat_file(p))["uri"] for p in store.glob("vitpipe-commit/out/_ledger/*.json")) == [
+        s.uri for s in shards[:5]]
+
+
 def test_full_speed_is_when_the_rate_reaches_the_steady_rate():
     from pipeline.report import full_speed_at
 

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.config import SourceSpec
 from pipeline.labels import plan_labels
-from pipeline.sources import SourceError, fetch_in_order, list_shards, read_parts
+from pipeline.sources import SourceError, list_shards, read_parts
+from pipeline.storage import fetch_in_order
 
 from helpers import bad_input_members, image_bytes, tar_bytes
 
@@ -77,23 +78,6 @@ def test_image_folder_groups_into_shards(tmp_path):
     recs = _records(source)
     assert sorted(r["key"] for r in recs) == sorted(f"{'cats' if i % 2 else 'dogs'}/{i}" for i in range(7))
     assert all(r["source_uri"].endswith(r["member"]) for r in recs)
-
-
-@pytest.fixture()
-def slow_store(s3, monkeypatch):
-    """The session's SeaweedFS behind a loopback proxy that holds each request 50 ms, as a remote
-    store would (tests/faultproxy.py); the filesystems url_to_fs makes during the test go through
-    it. Yields (a filesystem straight to the store, the proxy)."""
-    import s3fs
-    from faultproxy import FaultProxy
-
-    s3.ls("")  # its client is made now, at the store's own address: the test's set-up does not go through the proxy
-    proxy = FaultProxy(faults=False, delay_s=0.05)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-    s3fs.S3FileSystem.clear_instance_cache()  # url_to_fs must make one that goes through the proxy
-    yield s3, proxy
-    proxy.stop()
-    s3fs.S3FileSystem.clear_instance_cache()  # and none may outlive the proxy
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

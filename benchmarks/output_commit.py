@@ -1,0 +1,146 @@
+"""The driver's bookkeeping of an output on object storage, side by side in one run.
+
+Before its first row a run reads the output's ledger (one JSON object per shard: a GET each);
+after its last it commits: every part file moves from OUT/_pending/RUN/ into OUT/ (on S3 a copy
+and a delete, s3fs asking the size first) and every shard's ledger entry is written again. For
+each store latency (SeaweedFS on loopback as it is, then behind the loopback proxy of
+benchmarks/image_folder.py that holds every request L ms), over --shards shards of one part file:
+
+  a vitpipe        output.requests_in_flight 32 (the default): reads, copies and ledger writes
+                   32 at a time on fsspec's loop, deletes in bulk (storage.py, ledger.py, sink.py)
+  b one at a time  output.requests_in_flight 1: the same requests, one after another (the code
+                   before 2026-12-02 also sent a HEAD before each ledger GET and a DELETE per file)
+
+Each approach: a first run (mode full) on an empty output, whose commit moves every shard's file,
+then a second (mode incremental, nothing changed), whose start reads every ledger entry and keeps
+every shard. Timed: `ParquetSink.begin` and `ParquetSink.commit` (the files are staged and the
+parts' records added between them, untimed: the model actors' work). Reported: seconds and
+CPU-ms per shard of this process (fsspec's loop included), and the ratio b/a.
+
+    python -m benchmarks.output_commit --shards 1000 --latency-ms 0,20
+
+Timings never go into pass/fail tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.image_folder import start_proxy
+from pipeline.config import OutputSpec
+from pipeline.s3local import environ, start_seaweedfs
+from pipeline.sink import ParquetSink
+from pipeline.sources import Shard
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "vitpipe-bench-commit"
+
+
+def timed(step: Callable[[], object]) -> tuple[object, float, float]:
+    t, c = time.perf_counter(), time.process_time()
+    got = step()
+    return got, time.perf_counter() - t, time.process_time() - c
+
+
+def one_run(store, uri: str, mode: str, run_id: str, shards: list[Shard], in_flight: int) -> dict:
+    """One run's bookkeeping: (begin s, begin CPU s, commit s, commit CPU s, shards done, kept)."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # a new driver process: nothing listed yet
+    sink = ParquetSink(OutputSpec(uri=uri, mode=mode, requests_in_flight=in_flight), run_id, "model-1")
+    try:
+        plan, begin_s, begin_cpu = timed(lambda: sink.begin(shards))
+        root = uri.removeprefix("s3://")
+        store.pipe({f"{root}/_pending/{run_id}/part-{run_id}-{i:06d}.parquet": b"rows" for i in range(len(plan.todo))})
+        for i, shard in enumerate(plan.todo):
+            counts = {"records": 8, "ok": 8, "errors": {}, "skipped": {}, "labeled": 0, "correct": 0}
+            files = [{"path": f"part-{run_id}-{i:06d}.parquet", "kind": "ok", "rows": 8, "bytes": 4, "sha256": "0"}]
+            sink.add({"shard": shard.uri, "part": 0, "last": True, "fault": None, "files": json.dumps(files),
+                      "counts": json.dumps(counts), "check": None, "node": "n1", "finished_at": 0.0})
+        manifest, commit_s, commit_cpu = timed(lambda: sink.commit({"run_id": run_id}))
+    except BaseException as e:
+        sink.abort(e)
+        raise
+    if manifest["totals"]["shards"] != len(shards):
+        raise RuntimeError(f"{uri}: {manifest['totals']['shards']} shards committed, {len(shards)} listed")
+    return {"begin_s": begin_s, "begin_cpu": begin_cpu, "commit_s": commit_s, "commit_cpu": commit_cpu,
+            "done": len(plan.todo), "kept": len(plan.kept)}
+
+
+def rows_at(store, endpoint: str, ms: int, n: int) -> list[dict]:
+    """Rows a and b, first and second run each, with `ms` added to every request."""
+    proxy, port = start_proxy(ms / 1000, endpoint) if ms else (None, None)
+    shards = [Shard(f"s3://input/shard-{i:06d}.tar", f"etag-{i}", 1000) for i in range(n)]
+    rows = []
+    try:
+        with environ({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}" if proxy else endpoint}):
+            for name, in_flight in (("a vitpipe", 32), ("b one at a time", 1)):
+                uri = f"s3://{BUCKET}/out-{ms}ms-{in_flight}"
+                for run, mode in (("first run: commit moves every file", "full"),
+                                  ("second run: reads every ledger entry", "incremental")):
+                    r = one_run(store, uri, mode, f"run{len(rows)}", shards, in_flight)
+                    rows.append({"latency_ms": ms, "approach": name, "run": run, "shards": n} | {
+                        k: round(v, 2) if k.endswith("_s") else v for k, v in r.items() if not k.endswith("_cpu")} | {
+                        "begin_cpu_ms_per_shard": round(r["begin_cpu"] / n * 1e3, 3),
+                        "commit_cpu_ms_per_shard": round(r["commit_cpu"] / n * 1e3, 3)})
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        if proxy:
+            proxy.terminate()
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# The output's bookkeeping on S3 ({meta['when']}, `{meta['command']}`)", "",
+             "| store latency added | approach | run | shards | begin s | commit s | CPU-ms/shard begin | "
+             "CPU-ms/shard commit | this / a (begin + commit) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = next(x for x in rows if (x["latency_ms"], x["run"], x["approach"]) == (r["latency_ms"], r["run"], "a vitpipe"))
+        ratio = "" if r is a else f"{(r['begin_s'] + r['commit_s']) / (a['begin_s'] + a['commit_s']):.2f}"
+        lines.append(f"| {r['latency_ms']} ms | {r['approach']} | {r['run']} | {r['shards']} | {r['begin_s']} | "
+                     f"{r['commit_s']} | {r['begin_cpu_ms_per_shard']} | {r['commit_cpu_ms_per_shard']} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", type=int, default=1000)
+    p.add_argument("--latency-ms", default="0,20", help="store latencies to add, comma-separated (0: loopback as is)")
+    p.add_argument("--s3", choices=["local", "env"], default="local",
+                   help="local: start SeaweedFS on 127.0.0.1:8333; env: the S3 server in AWS_ENDPOINT_URL")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default="output-commit-cpu2", help="results file name (.json, .md) in --out")
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "tests"))  # the latency proxy: tests/faultproxy.py
+    import s3fs
+
+    server = start_seaweedfs(tempfile.mkdtemp(prefix="vitpipe-bench-s3-")) if a.s3 == "local" else None
+    endpoint = server.env["AWS_ENDPOINT_URL"] if server else os.environ["AWS_ENDPOINT_URL"]
+    rows = []
+    try:
+        with environ(server.env if server else {}):
+            store = s3fs.S3FileSystem(skip_instance_cache=True)  # straight to the store: the untimed staging
+            store.makedirs(BUCKET, exist_ok=True)
+            for ms in (int(x) for x in a.latency_ms.split(",")):
+                rows += rows_at(store, endpoint, ms, a.shards)
+    finally:
+        if server:
+            server.stop()
+    meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "command": "python -m benchmarks.output_commit " + " ".join(argv or sys.argv[1:])}
+    out = a.out / a.name
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
