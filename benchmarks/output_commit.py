@@ -7,15 +7,17 @@ each store latency (SeaweedFS on loopback as it is, then behind the loopback pro
 benchmarks/image_folder.py that holds every request L ms), over --shards shards of one part file:
 
   a vitpipe        output.requests_in_flight 32 (the default): reads, copies and ledger writes
-                   32 at a time on fsspec's loop, deletes in bulk (storage.py, ledger.py, sink.py)
+                   32 at a time on fsspec's loop, deletes in bulk, each finished shard's entry
+                   written without waiting (storage.py, ledger.py, sink.py)
   b one at a time  output.requests_in_flight 1: the same requests, one after another (the code
                    before 2026-12-02 also sent a HEAD before each ledger GET and a DELETE per file)
 
 Each approach: a first run (mode full) on an empty output, whose commit moves every shard's file,
 then a second (mode incremental, nothing changed), whose start reads every ledger entry and keeps
-every shard. Timed: `ParquetSink.begin` and `ParquetSink.commit` (the files are staged and the
-parts' records added between them, untimed: the model actors' work). Reported: seconds and
-CPU-ms per shard of this process (fsspec's loop included), and the ratio b/a.
+every shard. Timed: `ParquetSink.begin`, the driver recording each finished shard (`add`: its
+ledger entry written; the part files are staged before, untimed: the model actors' work) and
+`ParquetSink.commit`. Reported: seconds and CPU-ms per shard of this process (fsspec's loop
+included), and the ratio b/a of the three together.
 
     python -m benchmarks.output_commit --shards 1000 --latency-ms 0,20
 
@@ -50,7 +52,8 @@ def timed(step: Callable[[], object]) -> tuple[object, float, float]:
 
 
 def one_run(store, uri: str, mode: str, run_id: str, shards: list[Shard], in_flight: int) -> dict:
-    """One run's bookkeeping: (begin s, begin CPU s, commit s, commit CPU s, shards done, kept)."""
+    """One run's bookkeeping: seconds and CPU seconds of begin, of recording the finished shards, of
+    commit; shards done and kept."""
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # a new driver process: nothing listed yet
@@ -59,19 +62,25 @@ def one_run(store, uri: str, mode: str, run_id: str, shards: list[Shard], in_fli
         plan, begin_s, begin_cpu = timed(lambda: sink.begin(shards))
         root = uri.removeprefix("s3://")
         store.pipe({f"{root}/_pending/{run_id}/part-{run_id}-{i:06d}.parquet": b"rows" for i in range(len(plan.todo))})
-        for i, shard in enumerate(plan.todo):
-            counts = {"records": 8, "ok": 8, "errors": {}, "skipped": {}, "labeled": 0, "correct": 0}
-            files = [{"path": f"part-{run_id}-{i:06d}.parquet", "kind": "ok", "rows": 8, "bytes": 4, "sha256": "0"}]
-            sink.add({"shard": shard.uri, "part": 0, "last": True, "fault": None, "files": json.dumps(files),
-                      "counts": json.dumps(counts), "check": None, "node": "n1", "finished_at": 0.0})
+        _, record_s, record_cpu = timed(lambda: record(sink, plan.todo, run_id))
         manifest, commit_s, commit_cpu = timed(lambda: sink.commit({"run_id": run_id}))
     except BaseException as e:
         sink.abort(e)
         raise
     if manifest["totals"]["shards"] != len(shards):
         raise RuntimeError(f"{uri}: {manifest['totals']['shards']} shards committed, {len(shards)} listed")
-    return {"begin_s": begin_s, "begin_cpu": begin_cpu, "commit_s": commit_s, "commit_cpu": commit_cpu,
-            "done": len(plan.todo), "kept": len(plan.kept)}
+    return {"begin_s": begin_s, "begin_cpu": begin_cpu, "record_s": record_s, "record_cpu": record_cpu,
+            "commit_s": commit_s, "commit_cpu": commit_cpu, "done": len(plan.todo), "kept": len(plan.kept)}
+
+
+def record(sink: ParquetSink, todo: list[Shard], run_id: str) -> None:
+    """The driver's loop over the parts' records, one part per shard: each shard finishes and its
+    ledger entry is written."""
+    for i, shard in enumerate(todo):
+        counts = {"records": 8, "ok": 8, "errors": {}, "skipped": {}, "labeled": 0, "correct": 0}
+        files = [{"path": f"part-{run_id}-{i:06d}.parquet", "kind": "ok", "rows": 8, "bytes": 4, "sha256": "0"}]
+        sink.add({"shard": shard.uri, "part": 0, "last": True, "fault": None, "files": json.dumps(files),
+                  "counts": json.dumps(counts), "check": None, "node": "n1", "finished_at": 0.0})
 
 
 def rows_at(store, endpoint: str, ms: int, n: int) -> list[dict]:
@@ -88,8 +97,7 @@ def rows_at(store, endpoint: str, ms: int, n: int) -> list[dict]:
                     r = one_run(store, uri, mode, f"run{len(rows)}", shards, in_flight)
                     rows.append({"latency_ms": ms, "approach": name, "run": run, "shards": n} | {
                         k: round(v, 2) if k.endswith("_s") else v for k, v in r.items() if not k.endswith("_cpu")} | {
-                        "begin_cpu_ms_per_shard": round(r["begin_cpu"] / n * 1e3, 3),
-                        "commit_cpu_ms_per_shard": round(r["commit_cpu"] / n * 1e3, 3)})
+                        f"{step}_cpu_ms_per_shard": round(r[f"{step}_cpu"] / n * 1e3, 3) for step in ("begin", "record", "commit")})
                     print(json.dumps(rows[-1]), flush=True)
     finally:
         if proxy:
@@ -99,14 +107,19 @@ def rows_at(store, endpoint: str, ms: int, n: int) -> list[dict]:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# The output's bookkeeping on S3 ({meta['when']}, `{meta['command']}`)", "",
-             "| store latency added | approach | run | shards | begin s | commit s | CPU-ms/shard begin | "
-             "CPU-ms/shard commit | this / a (begin + commit) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| store latency added | approach | run | shards | begin s | record s | commit s | CPU-ms/shard: begin / "
+             "record / commit | this / a (the three) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = next(x for x in rows if (x["latency_ms"], x["run"], x["approach"]) == (r["latency_ms"], r["run"], "a vitpipe"))
-        ratio = "" if r is a else f"{(r['begin_s'] + r['commit_s']) / (a['begin_s'] + a['commit_s']):.2f}"
+        ratio = "" if r is a else f"{total(r) / total(a):.2f}"
+        cpu = " / ".join(str(r[f"{step}_cpu_ms_per_shard"]) for step in ("begin", "record", "commit"))
         lines.append(f"| {r['latency_ms']} ms | {r['approach']} | {r['run']} | {r['shards']} | {r['begin_s']} | "
-                     f"{r['commit_s']} | {r['begin_cpu_ms_per_shard']} | {r['commit_cpu_ms_per_shard']} | {ratio} |")
+                     f"{r['record_s']} | {r['commit_s']} | {cpu} | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def total(row: dict) -> float:
+    return row["begin_s"] + row["record_s"] + row["commit_s"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,10 @@ lease, and the commit: manifest, _SUCCESS last. No row comes here.
 The model actors write each part's rows as Parquet files under OUT/_pending/RUN/
 (write.py) and send one small record per part (predict.RESULT_SCHEMA). A shard is
 finished when all its parts have reported (the last one says how many there are);
-it is then recorded in the ledger (ledger.py) as pending. So a run that dies keeps
-every finished shard, and the next run redoes at most the shards that were in flight.
+it is then recorded in the ledger (ledger.py) as pending, the write under way while the
+driver goes on (output.requests_in_flight at most; commit and abort wait for them). So a
+run that dies keeps every shard whose entry was written, and the next run redoes at most
+the shards that were in flight or being recorded.
 A part reported twice (Ray retried it) is kept once: the first record wins, and the
 other attempt's files are swept at commit.
 
@@ -118,6 +120,9 @@ class ParquetSink:
         self.done: list[ShardEntry] = []
         self.finished: set[str] = set()
         self.nodes: Counter = Counter()  # parts written per node
+        # The ledger's entries and the output's files as begin found them: under the lease nothing
+        # but this run changes them, so commit needs neither read again (a GET per shard, a listing)
+        self.found: tuple[dict[str, ShardEntry], set[str]] | None = None
 
     # --- before any work ---------------------------------------------------------------------
 
@@ -143,6 +148,7 @@ class ParquetSink:
         self.shards = {shard_key(s.uri): s for s in shards}
         entries = self.ledger.entries()
         listing = self._listing()
+        self.found = entries, listing
         todo, adopted, kept = [], [], []
         for key, s in self.shards.items():
             e = entries.get(key)
@@ -192,19 +198,20 @@ class ParquetSink:
         entry = ShardEntry(shard.uri, shard.etag, shard.size, self.model_id, self.run_id, "pending",
                            records=records, ok=ok, errors=records - ok, skipped=skipped, files=files,
                            finished_at=time.time(), fault=fault)
-        self.ledger.put(entry)  # the shard's commit point within the run
+        self.ledger.put_soon(entry)  # the shard's commit point within the run (written by commit or abort)
         self.done.append(entry)
 
     # --- the end --------------------------------------------------------------------------------
 
     def commit(self, manifest: dict) -> dict:
         """Swap this run's shards in, sweep what they replace, write the manifest, _SUCCESS last."""
+        self.ledger.flush()
         if self.inflight:
             raise RuntimeError(f"{len(self.inflight)} shard(s) never completed (parts missing); not committing. "
                                "The finished shards are kept for the next run")
         if self.finished_run_exists():
             self.fs.rm_file(f"{self.root}/_SUCCESS")  # readers stop trusting the old state first
-        old = self.ledger.entries()
+        old, listing = self.found or (self.ledger.entries(), self._listing())
         final: dict[str, ShardEntry] = {e.key: e for e in self.kept}
         swapped = self.adopted + self.done
         for start in range(0, len(swapped), COMMIT_CHUNK):  # a chunk's files in place, then its entries
@@ -218,7 +225,6 @@ class ParquetSink:
         if self.out.mode == "full":  # shards no longer listed leave the output
             self.ledger.delete_many(sorted(set(old) - set(final)))
         else:
-            listing = self._listing()
             for key, e in old.items():
                 if key not in final and e.state == "committed" and self._files_exist(e, listing):
                     final[key] = e  # incremental keeps shards it did not list this time
@@ -242,6 +248,11 @@ class ParquetSink:
         every part, when the gate refused the engine before any shard finished), record the
         failure, release the lease."""
         try:
+            try:
+                self.ledger.flush()  # the finished shards' entries: the next run adopts them
+            except Exception as e:
+                print(f"vitpipe: a finished shard's ledger entry was not written ({type(e).__name__}: {e}); "
+                      "the next run redoes that shard", file=sys.stderr)
             self._drop_unrecorded()
             self._write_json(f"_runs/{self.run_id}.json", {"run_id": self.run_id, "status": "failed",
                                                            "error": f"{type(error).__name__}: {error}",

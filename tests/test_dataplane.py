@@ -186,17 +186,27 @@ def _part_result(shard: Shard, path: str, records: int = 4) -> dict:
             "counts": json.dumps(counts), "check": None, "node": "n1", "finished_at": 0.0}
 
 
-def _run_through(out: OutputSpec, run_id: str, shards: list[Shard], store) -> tuple:
+def _run_through(out: OutputSpec, run_id: str, shards: list[Shard], store, proxy) -> tuple:
     """A run's bookkeeping on the output, no Ray: begin, a staged file and a record per shard to do,
-    commit. Returns (the shard plan, the manifest)."""
+    commit. Returns (the shard plan, the manifest, the most requests under way at the store in
+    each of begin, recording the finished shards, commit)."""
     sink = ParquetSink(out, run_id, "model1")
+    most = {}
     try:
+        proxy.most_in_flight = 0
         plan = sink.begin(shards)
-        for i, shard in enumerate(plan.todo):
-            path = f"part-{run_id}-{i:02d}.parquet"
-            store.pipe(f"{out.uri.removeprefix('s3://')}/_pending/{run_id}/{path}", b"rows")
+        most["begin"] = proxy.most_in_flight
+        paths = [f"part-{run_id}-{i:02d}.parquet" for i in range(len(plan.todo))]
+        store.pipe({f"{out.uri.removeprefix('s3://')}/_pending/{run_id}/{p}": b"rows" for p in paths})
+        proxy.most_in_flight = 0
+        for shard, path in zip(plan.todo, paths, strict=True):
             sink.add(_part_result(shard, path))
-        return plan, sink.commit({"run_id": run_id})
+        sink.ledger.flush()
+        most["record"] = proxy.most_in_flight
+        proxy.most_in_flight = 0
+        manifest = sink.commit({"run_id": run_id})
+        most["commit"] = proxy.most_in_flight
+        return plan, manifest, most
     except BaseException as e:
         sink.abort(e)
         raise
@@ -214,11 +224,11 @@ def test_the_output_bookkeeping_on_s3_keeps_many_requests_under_way(slow_store):
     out = OutputSpec(uri="s3://vitpipe-commit/out", mode="incremental")
     shards = [Shard(f"s3://in/{i:02d}.tar", f"etag{i}", 10) for i in range(12)]
 
-    proxy.most_in_flight = 0
-    plan, manifest = _run_through(out, "run1", shards, store)
+    plan, manifest, most = _run_through(out, "run1", shards, store, proxy)
     assert len(plan.todo) == 12 and manifest["totals"] == {"shards": 12, "records": 48, "ok": 48, "errors": 0,
                                                             "skipped": 0}
-    assert proxy.most_in_flight >= 4  # the commit: one request at a time before
+    assert most["record"] >= 4  # each finished shard's entry: the driver waited for each before
+    assert most["commit"] >= 4  # the moves and the entries: one request at a time before
     store.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[1] for p in store.glob("vitpipe-commit/out/part-*")) == [
         f"part-run1-{i:02d}.parquet" for i in range(12)]
@@ -226,12 +236,11 @@ def test_the_output_bookkeeping_on_s3_keeps_many_requests_under_way(slow_store):
     ledger = [json.loads(store.cat_file(p)) for p in store.glob("vitpipe-commit/out/_ledger/*.json")]
     assert sorted(e["uri"] for e in ledger) == [s.uri for s in shards] and {e["state"] for e in ledger} == {"committed"}
 
-    proxy.most_in_flight = 0
-    plan, _ = _run_through(out, "run2", shards, store)  # nothing changed: every shard kept
+    plan, _, most = _run_through(out, "run2", shards, store, proxy)  # nothing changed: every shard kept
     assert (len(plan.todo), len(plan.kept)) == (0, 12)
-    assert proxy.most_in_flight >= 4  # the ledger's GETs: one at a time before
+    assert most["begin"] >= 4  # the ledger's GETs: one at a time before
 
-    plan, manifest = _run_through(out.model_copy(update={"mode": "full"}), "run3", shards[:5], store)
+    plan, manifest, _ = _run_through(out.model_copy(update={"mode": "full"}), "run3", shards[:5], store, proxy)
     assert len(plan.todo) == 5 and manifest["totals"]["shards"] == 5
     store.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[1] for p in store.glob("vitpipe-commit/out/part-*")) == [

@@ -133,6 +133,7 @@ orig = sink.ParquetSink._finish_shard
 def finish_then_maybe_die(self, key):
     orig(self, key)
     if len(self.done) == int(os.environ["KILL_AFTER_SHARDS"]):
+        self.ledger.flush()  # their ledger entries written (the driver does not wait for them)
         os.kill(os.getpid(), signal.SIGKILL)  # the driver dies mid-run, as on a lost head node
 sink.ParquetSink._finish_shard = finish_then_maybe_die
 from pipeline.cli import main
