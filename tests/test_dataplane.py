@@ -18,6 +18,7 @@ from pipeline.config import OutputSpec, OutputsSpec, SourceSpec
 from pipeline.decode import Preprocess, decode_image
 from pipeline.demo import digit_jpegs, write_shards
 from pipeline.engines.torch_engine import TorchEngine
+from pipeline.ledger import Ledger, ShardEntry
 from pipeline.model.checkpoints import load_checkpoint
 from pipeline.predict import output_schema, predict_part, top_k
 from pipeline.sink import ParquetSink
@@ -247,6 +248,18 @@ def test_the_output_bookkeeping_on_s3_keeps_many_requests_under_way(slow_store):
         f"part-run3-{i:02d}.parquet" for i in range(5)]
     assert sorted(json.loads(store.cat_file(p))["uri"] for p in store.glob("vitpipe-commit/out/_ledger/*.json")) == [
         s.uri for s in shards[:5]]
+
+
+def test_a_ledger_entry_the_store_refuses_is_raised_not_lost(s3):
+    """The driver does not wait for each finished shard's entry (Ledger.put_soon), so a write the
+    store refuses (here: a bucket these credentials may not write) must come back as an error at
+    flush, which commit and abort call first: never a run that commits shards it did not record."""
+    ledger = Ledger(s3, "vitpipe-no-such-bucket/out", in_flight=4)
+    entry = ShardEntry("s3://in/a.tar", "etag", 1, "model1", "run1", "pending")
+    ledger.put_soon(entry)  # returns before the store answers
+    with pytest.raises(OSError):
+        ledger.flush()
+    ledger.flush()  # reported once; nothing left under way
 
 
 def test_full_speed_is_when_the_rate_reaches_the_steady_rate():
