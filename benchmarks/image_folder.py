@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -51,7 +50,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
@@ -59,10 +57,11 @@ import pyarrow.parquet as pq
 
 from benchmarks.bench import Monitor
 from benchmarks.dataplane import vitpipe_cmd
+from benchmarks.s3store import add_options, latencies, s3_store, save, start_proxy, timed
 from pipeline import sources, storage
 from pipeline.config import SourceSpec
 from pipeline.demo import digit_jpegs
-from pipeline.s3local import environ, start_seaweedfs
+from pipeline.s3local import environ
 from pipeline.sources import Shard, list_shards, read_parts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,26 +89,6 @@ def write_folder(fs, n: int) -> tuple[str, str]:
     return f"s3://{BUCKET}/imgs", f"s3://{BUCKET}/train.parquet"
 
 
-def serve_proxy(delay_s: float, upstream: tuple[str, int], ports) -> None:
-    """The latency proxy, in a process of its own: its CPU is not the reader's."""
-    import threading
-
-    from faultproxy import FaultProxy
-
-    proxy = FaultProxy(upstream, faults=False, delay_s=delay_s)
-    ports.put(proxy.port)
-    threading.Event().wait()
-
-
-def start_proxy(delay_s: float, store: str) -> tuple[multiprocessing.Process, int]:
-    ctx = multiprocessing.get_context("spawn")  # this process has threads (fsspec's loop): no fork
-    ports = ctx.Queue()
-    url = urlsplit(store)
-    proc = ctx.Process(target=serve_proxy, args=(delay_s, (url.hostname, url.port), ports), daemon=True)
-    proc.start()
-    return proc, ports.get(timeout=60)
-
-
 def timed_read(source: SourceSpec, read: Callable[[list[Shard]], int]) -> tuple[int, float, float]:
     """(records, seconds, CPU seconds) of `read` over the source's shards, with a filesystem that has
     not listed the folder, as a read actor's (no object sizes cached from the listing)."""
@@ -118,9 +97,7 @@ def timed_read(source: SourceSpec, read: Callable[[list[Shard]], int]) -> tuple[
     s3fs.S3FileSystem.clear_instance_cache()  # a filesystem for this store address, made now
     shards = list_shards(source)
     s3fs.S3FileSystem.clear_instance_cache()
-    t, c = time.perf_counter(), time.process_time()
-    n = read(shards)
-    return n, time.perf_counter() - t, time.process_time() - c
+    return timed(lambda: read(shards))
 
 
 def read_here(source: SourceSpec) -> tuple[int, float, float]:
@@ -157,9 +134,7 @@ def list_here(uri: str, in_flight: int) -> tuple[int, float, float]:
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    t, c = time.perf_counter(), time.process_time()
-    n = sum(len(s.files) for s in list_shards(images(uri, in_flight)))
-    return n, time.perf_counter() - t, time.process_time() - c
+    return timed(lambda: sum(len(s.files) for s in list_shards(images(uri, in_flight))))
 
 
 def read_before(uri: str) -> tuple[int, float, float]:
@@ -233,39 +208,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--list-keys", type=int, default=20000, help="loose files for the listing rows l, l1, l0")
-    p.add_argument("--latency-ms", default="0,20", help="store latencies to add, comma-separated (0: loopback as is)")
     p.add_argument("--in-flight", type=int, default=SourceSpec.model_fields["requests_in_flight"].default)
     p.add_argument("--run", action="store_true", help="also whole `vitpipe run` processes at the highest latency")
-    p.add_argument("--s3", choices=["local", "env"], default="local",
-                   help="local: start SeaweedFS on 127.0.0.1:8333; env: the S3 server in AWS_ENDPOINT_URL")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--name", default="image-folder-cpu2", help="results file name (.json, .md) in --out")
+    add_options(p, "image-folder-cpu2")
     a = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))  # the latency proxy: tests/faultproxy.py
     import s3fs
 
-    server = start_seaweedfs(tempfile.mkdtemp(prefix="vitpipe-bench-s3-")) if a.s3 == "local" else None
-    store = server.env["AWS_ENDPOINT_URL"] if server else os.environ["AWS_ENDPOINT_URL"]
-    latencies = [int(x) for x in a.latency_ms.split(",")]
     rows, runs = [], []
-    try:
-        with environ(server.env if server else {}):
-            fs = s3fs.S3FileSystem(skip_instance_cache=True)
-            uri, table = write_folder(fs, a.images)
-            keys = write_keys(fs, a.list_keys)
-            for ms in latencies:
-                rows += reads_at(uri, table, keys, store, ms, a.in_flight)
-            if a.run:
-                runs = runs_at(uri, store, max(latencies), a.in_flight)
-    finally:
-        if server:
-            server.stop()
-    out = a.out / a.name
-    meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
-            "command": "python -m benchmarks.image_folder " + " ".join(argv or sys.argv[1:])}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, runs, meta))
-    print(markdown(rows, runs, meta))
+    with s3_store(a) as store:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        uri, table = write_folder(fs, a.images)
+        keys = write_keys(fs, a.list_keys)
+        for ms in latencies(a):
+            rows += reads_at(uri, table, keys, store, ms, a.in_flight)
+        if a.run:
+            runs = runs_at(uri, store, max(latencies(a)), a.in_flight)
+    save(a, "image_folder", argv, {"rows": rows, "runs": runs}, lambda meta: markdown(rows, runs, meta))
     return 0
 
 

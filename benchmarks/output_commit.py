@@ -28,27 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-from benchmarks.image_folder import start_proxy
+from benchmarks.s3store import add_options, latencies, s3_store, save, start_proxy, timed
 from pipeline.config import OutputSpec
-from pipeline.s3local import environ, start_seaweedfs
+from pipeline.s3local import environ
 from pipeline.sink import ParquetSink
 from pipeline.sources import Shard
 
-ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "vitpipe-bench-commit"
-
-
-def timed(step: Callable[[], object]) -> tuple[object, float, float]:
-    t, c = time.perf_counter(), time.process_time()
-    got = step()
-    return got, time.perf_counter() - t, time.process_time() - c
 
 
 def one_run(store, uri: str, mode: str, run_id: str, shards: list[Shard], in_flight: int) -> dict:
@@ -125,33 +113,17 @@ def total(row: dict) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=int, default=1000)
-    p.add_argument("--latency-ms", default="0,20", help="store latencies to add, comma-separated (0: loopback as is)")
-    p.add_argument("--s3", choices=["local", "env"], default="local",
-                   help="local: start SeaweedFS on 127.0.0.1:8333; env: the S3 server in AWS_ENDPOINT_URL")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--name", default="output-commit-cpu2", help="results file name (.json, .md) in --out")
+    add_options(p, "output-commit-cpu2")
     a = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))  # the latency proxy: tests/faultproxy.py
     import s3fs
 
-    server = start_seaweedfs(tempfile.mkdtemp(prefix="vitpipe-bench-s3-")) if a.s3 == "local" else None
-    endpoint = server.env["AWS_ENDPOINT_URL"] if server else os.environ["AWS_ENDPOINT_URL"]
     rows = []
-    try:
-        with environ(server.env if server else {}):
-            store = s3fs.S3FileSystem(skip_instance_cache=True)  # straight to the store: the untimed staging
-            store.makedirs(BUCKET, exist_ok=True)
-            for ms in (int(x) for x in a.latency_ms.split(",")):
-                rows += rows_at(store, endpoint, ms, a.shards)
-    finally:
-        if server:
-            server.stop()
-    meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
-            "command": "python -m benchmarks.output_commit " + " ".join(argv or sys.argv[1:])}
-    out = a.out / a.name
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    with s3_store(a) as endpoint:
+        store = s3fs.S3FileSystem(skip_instance_cache=True)  # straight to the store: the untimed staging
+        store.makedirs(BUCKET, exist_ok=True)
+        for ms in latencies(a):
+            rows += rows_at(store, endpoint, ms, a.shards)
+    save(a, "output_commit", argv, {"rows": rows}, lambda meta: markdown(rows, meta))
     return 0
 
 
