@@ -12,9 +12,11 @@ benchmarks/image_folder.py that holds every request L ms), over --shards shards 
   b one at a time  output.requests_in_flight 1: the same requests, one after another (the code
                    before 2026-12-02 also sent a HEAD before each ledger GET and a DELETE per file)
 
-Each approach: a first run (mode full) on an empty output, whose commit moves every shard's file,
-then a second (mode incremental, nothing changed), whose start reads every ledger entry and keeps
-every shard. Timed: `ParquetSink.begin`, the driver recording each finished shard (`add`: its
+Each approach: a first run (mode full) on an empty output, whose commit moves every shard's file;
+a second (mode incremental, nothing changed), whose start reads the ledger's snapshot (one object
+holding every entry, written by each commit: ledger.py) and keeps every shard; a third like it with
+the snapshot removed first, whose start reads every ledger entry (as every run did before
+2026-12-02 20:00 UTC, and as a store whose ETags are not MD5s still does). Timed: `ParquetSink.begin`, the driver recording each finished shard (`add`: its
 ledger entry written; the part files are staged before, untimed: the model actors' work) and
 `ParquetSink.commit`. Reported: seconds and CPU-ms per shard of this process (fsspec's loop
 included), and the ratio b/a of the three together.
@@ -32,6 +34,7 @@ import sys
 
 from benchmarks.s3store import add_options, latencies, s3_store, save, start_proxy, timed
 from pipeline.config import OutputSpec
+from pipeline.ledger import SNAPSHOT
 from pipeline.s3local import environ
 from pipeline.sink import ParquetSink
 from pipeline.sources import Shard
@@ -39,16 +42,19 @@ from pipeline.sources import Shard
 BUCKET = "vitpipe-bench-commit"
 
 
-def one_run(store, uri: str, mode: str, run_id: str, shards: list[Shard], in_flight: int) -> dict:
+def one_run(store, uri: str, mode: str, run_id: str, shards: list[Shard], in_flight: int,
+            snapshot: bool = True) -> dict:
     """One run's bookkeeping: seconds and CPU seconds of begin, of recording the finished shards, of
-    commit; shards done and kept."""
+    commit; shards done and kept. `snapshot` False: the ledger's snapshot is removed first."""
     import s3fs
 
+    root = uri.removeprefix("s3://")
+    if not snapshot:
+        store.rm_file(f"{root}/_ledger/{SNAPSHOT}")
     s3fs.S3FileSystem.clear_instance_cache()  # a new driver process: nothing listed yet
     sink = ParquetSink(OutputSpec(uri=uri, mode=mode, requests_in_flight=in_flight), run_id, "model-1")
     try:
         plan, begin_s, begin_cpu = timed(lambda: sink.begin(shards))
-        root = uri.removeprefix("s3://")
         store.pipe({f"{root}/_pending/{run_id}/part-{run_id}-{i:06d}.parquet": b"rows" for i in range(len(plan.todo))})
         _, record_s, record_cpu = timed(lambda: record(sink, plan.todo, run_id))
         manifest, commit_s, commit_cpu = timed(lambda: sink.commit({"run_id": run_id}))
@@ -80,9 +86,10 @@ def rows_at(store, endpoint: str, ms: int, n: int) -> list[dict]:
         with environ({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}" if proxy else endpoint}):
             for name, in_flight in (("a vitpipe", 32), ("b one at a time", 1)):
                 uri = f"s3://{BUCKET}/out-{ms}ms-{in_flight}"
-                for run, mode in (("first run: commit moves every file", "full"),
-                                  ("second run: reads every ledger entry", "incremental")):
-                    r = one_run(store, uri, mode, f"run{len(rows)}", shards, in_flight)
+                for run, mode, snapshot in (("first run: commit moves every file", "full", True),
+                                            ("second run: reads the snapshot", "incremental", True),
+                                            ("third run: reads every ledger entry", "incremental", False)):
+                    r = one_run(store, uri, mode, f"run{len(rows)}", shards, in_flight, snapshot)
                     rows.append({"latency_ms": ms, "approach": name, "run": run, "shards": n} | {
                         k: round(v, 2) if k.endswith("_s") else v for k, v in r.items() if not k.endswith("_cpu")} | {
                         f"{step}_cpu_ms_per_shard": round(r[f"{step}_cpu"] / n * 1e3, 3) for step in ("begin", "record", "commit")})

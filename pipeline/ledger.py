@@ -11,6 +11,12 @@ file, so concurrent writes of different shards never clash):
 a run that has not committed yet (or died). A later run adopts them instead of redoing
 the shard. "committed": its files sit in OUT/ and the manifest lists them.
 
+On an object store each commit also leaves OUT/_ledger/snapshot.json.gz: every entry's
+body in one object. It is a cache, never the truth: the listing of _ledger/ says which
+entries exist, and an entry is taken from the snapshot only while the store's MD5 of
+its object (the ETag a listing returns) is that of the body in the snapshot; any other
+(written since, by a run that died; or a store whose ETags are not MD5s) is read.
+
 The lease, OUT/_lease.json, is created with a conditional write (If-None-Match: * on
 S3, O_EXCL on disk); the holder renews it; a lease past its expiry belongs to a dead
 run and may be taken over.
@@ -19,21 +25,31 @@ run and may be taken over.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
+import zlib
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
 from pipeline.storage import fetch_in_order, put_if_absent, remove_files
 
+SNAPSHOT = "snapshot.json.gz"  # in OUT/_ledger/, beside the entries (which end in .json)
+
 
 def shard_key(uri: str) -> str:
     return hashlib.sha1(uri.encode()).hexdigest()[:16]
+
+
+def md5(body: bytes) -> str:
+    """What S3 gives as the ETag of an object written in one PUT (without SSE-KMS): its MD5, hex."""
+    return hashlib.md5(body, usedforsecurity=False).hexdigest()
 
 
 @dataclass
@@ -72,22 +88,68 @@ class Ledger:
         """`in_flight`: entries read or written at once on an object store (output.requests_in_flight)."""
         self.fs, self.dir, self.in_flight = fs, f"{root.rstrip('/')}/_ledger", in_flight
         self._writes: deque[Future] = deque()  # put_soon's, oldest first
+        self._bodies: dict[str, bytes] = {}  # path -> the body this run read or wrote there: the next snapshot
+        self.from_snapshot = 0  # entries the last `entries()` took from the snapshot, not read one by one
 
     def entries(self) -> dict[str, ShardEntry]:
-        """Every shard's entry. On an object store `in_flight` GETs under way: one after another, a
-        nightly run over an output of 10,000 shards waited minutes before its first row."""
+        """Every shard's entry. On an object store: each found in the snapshot (same MD5) from
+        there, the rest `in_flight` GETs at a time. Each GET costs s3fs ~2.5 CPU-ms: a nightly run
+        over an output of 10,000 shards spent ~25 CPU-s reading its ledger before its first row
+        (and minutes, one after another)."""
         self.fs.invalidate_cache()
-        paths = self.fs.glob(f"{self.dir}/*.json")
-        out = {}
-        for data in fetch_in_order(self.fs, paths, self.in_flight):
-            if isinstance(data, OSError):  # gone since the listing: the shard is simply redone
-                continue
-            try:
-                e = ShardEntry(**json.loads(data))
-            except (ValueError, TypeError):  # a torn write: likewise
-                continue
-            out[e.key] = e
+        try:
+            listed = {i["name"]: i for i in self.fs.ls(self.dir, detail=True)}
+        except FileNotFoundError:
+            listed = {}
+        bundled = self._snapshot() if f"{self.dir}/{SNAPSHOT}" in listed else {}
+        out: dict[str, ShardEntry] = {}
+        to_read = []
+        for path in sorted(p for p in listed if p.endswith(".json")):
+            body = bundled.get(listed[path].get("ETag", "").strip('"'))
+            if body is None or not self._take(path, body, out):
+                to_read.append(path)
+        self.from_snapshot = len(out)
+        for path, data in zip(to_read, fetch_in_order(self.fs, to_read, self.in_flight), strict=True):
+            if not isinstance(data, OSError):  # gone since the listing: the shard is simply redone
+                self._take(path, data, out)  # a torn write: likewise
         return out
+
+    def _take(self, path: str, body: bytes, out: dict[str, ShardEntry]) -> bool:
+        try:
+            e = ShardEntry(**json.loads(body))
+        except (ValueError, TypeError):
+            return False
+        out[e.key] = e
+        self._bodies[path] = body
+        return True
+
+    def _snapshot(self) -> dict[str, bytes]:
+        """The bodies in the snapshot the last commit wrote, by their MD5; {} if it is unreadable
+        (every entry is then read; the next commit writes a new one)."""
+        path = f"{self.dir}/{SNAPSHOT}"
+        try:
+            data = next(fetch_in_order(self.fs, [path], 1))  # one GET (s3fs's cat_file asks the size first)
+            if isinstance(data, OSError):
+                raise data
+            bodies = [b.encode() for b in json.loads(gzip.decompress(data))["bodies"]]
+        except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"vitpipe: the ledger's snapshot {path} is unreadable ({type(e).__name__}: {e}); reading "
+                  "every entry instead. Nothing is lost: the next commit writes it again", file=sys.stderr)
+            return {}
+        return {md5(b): b for b in bodies}
+
+    def write_snapshot(self) -> None:
+        """Every entry this run read or wrote, in one object (after a commit, when that is every
+        entry there is), for the next run's `entries()`. Object stores only: local disk reads an
+        entry in ~0.05 ms. Not written is not lost: the next run reads each entry instead."""
+        if not self.fs.async_impl:
+            return
+        body = json.dumps({"bodies": [b.decode() for b in self._bodies.values()]}).encode()
+        try:
+            self.fs.pipe_file(f"{self.dir}/{SNAPSHOT}", gzip.compress(body, compresslevel=1))
+        except OSError as e:
+            print(f"vitpipe: the ledger's snapshot was not written ({type(e).__name__}: {e}); the next run "
+                  "reads each entry instead", file=sys.stderr)
 
     def put(self, entry: ShardEntry) -> None:
         self.put_many([entry])
@@ -103,9 +165,8 @@ class Ledger:
             return
         while self._writes and (self._writes[0].done() or len(self._writes) >= self.in_flight):
             self._writes.popleft().result()
-        body = json.dumps(asdict(entry), indent=1).encode()
-        self._writes.append(asyncio.run_coroutine_threadsafe(self.fs._pipe_file(self._path(entry.key), body),
-                                                             self.fs.loop))
+        path, body = self._path(entry.key), self._body(entry)
+        self._writes.append(asyncio.run_coroutine_threadsafe(self.fs._pipe_file(path, body), self.fs.loop))
 
     def flush(self) -> None:
         """Wait for every put_soon to be written; raises the first that failed."""
@@ -115,13 +176,21 @@ class Ledger:
     def put_many(self, entries: list[ShardEntry]) -> None:
         """Write these entries; on an object store `in_flight` at once."""
         self.fs.makedirs(self.dir, exist_ok=True)  # local disks need the folder; a no-op on object stores
-        self.fs.pipe({self._path(e.key): json.dumps(asdict(e), indent=1).encode() for e in entries},
+        self.fs.pipe({self._path(e.key): self._body(e) for e in entries},
                      **({"batch_size": self.in_flight} if self.fs.async_impl else {}))
 
     def delete_many(self, keys: list[str]) -> None:
         """Remove these shards' entries: ones `entries()` read, which under the lease nothing but
         this run touches since (so no listing to check that they still exist)."""
-        remove_files(self.fs, [self._path(k) for k in keys])
+        paths = [self._path(k) for k in keys]
+        remove_files(self.fs, paths)
+        for path in paths:
+            self._bodies.pop(path, None)
+
+    def _body(self, entry: ShardEntry) -> bytes:
+        """The entry as written, remembered for the snapshot."""
+        body = self._bodies[self._path(entry.key)] = json.dumps(asdict(entry), indent=1).encode()
+        return body
 
     def _path(self, key: str) -> str:
         return f"{self.dir}/{key}.json"

@@ -13,7 +13,8 @@ other attempt's files are swept at commit.
 
 Commit, at the end of a run: remove _SUCCESS, move pending files into OUT/, drop
 the files they replace (and, in mode full, shards no longer listed), sweep files
-no ledger entry names, then write the manifest and _SUCCESS last. A reader that
+no ledger entry names, write the ledger's snapshot (one object the next run's start
+reads instead of an entry per shard: ledger.py), then the manifest and _SUCCESS last. A reader that
 trusts _SUCCESS (or reads the files listed in _manifest.json) never sees a
 half-written run; OUT/*.parquet globs never see pending files, a level down.
 
@@ -229,6 +230,7 @@ class ParquetSink:
                 if key not in final and e.state == "committed" and self._files_exist(e, listing):
                     final[key] = e  # incremental keeps shards it did not list this time
             self.ledger.delete_many(sorted(set(old) - set(final)))
+        self.ledger.write_snapshot()  # every entry now: the next run's start reads one object, not one per shard
         # part files no ledger entry names (a dead run's leftovers), and all pending dirs
         sweep(self.fs, self.root, ("part-*.parquet", "errors/part-*.parquet"), {f["path"] for e in final.values() for f in e.files})
         files = [f for e in sorted(final.values(), key=lambda e: e.uri) for f in e.files]

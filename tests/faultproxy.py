@@ -6,7 +6,8 @@ is bounded by the plan, so a test through it ends. Apart from the plan, GETs of 
 `denied` are refused (403 AccessDenied: credentials that may not read them) and of those in
 `gone` find nothing (404 NoSuchKey: deleted after listing). `delay_s` holds every request that
 reaches the store that long first (a remote store's time to first byte, which loopback lacks);
-`most_in_flight` is the most requests it has had under way at once.
+`most_in_flight` is the most requests it has had under way at once; `log` is every request's method
+and path.
 
 Kinds: "read" (GET of an input shard), "part" (PUT of a staged part file), "commit" (writes of
 _manifest.json and _SUCCESS, copies into place), "lease" (the conditional create of _lease.json).
@@ -102,6 +103,7 @@ class FaultProxy:
         self.seen: Counter = Counter()  # requests per kind
         self.faults: list[tuple[str, str, str]] = []  # (kind, fault, method + path)
         self.requests = 0
+        self.log: list[str] = []  # every request: method and path
         self._lock = threading.Lock()
         proxy = self
 
@@ -123,6 +125,7 @@ class FaultProxy:
         path = target.split("?", 1)[0]
         with self._lock:
             self.requests += 1
+            self.log.append(f"{method} {path}")
             if method == "GET" and path in self.denied | self.gone:
                 self.faults.append(("read", "denied" if path in self.denied else "gone", f"{method} {path}"))
                 return "denied" if path in self.denied else "gone"
