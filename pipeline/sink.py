@@ -217,7 +217,7 @@ class ParquetSink:
         swapped = self.adopted + self.done
         for start in range(0, len(swapped), COMMIT_CHUNK):  # a chunk's files in place, then its entries
             chunk = swapped[start : start + COMMIT_CHUNK]
-            move_files(self.fs, [(f"{self.root}/_pending/{e.run_id}/{f['path']}", f"{self.root}/{f['path']}")
+            move_files(self.fs, [(f"{self.root}/_pending/{e.run_id}/{f['path']}", f"{self.root}/{f['path']}", f["bytes"])
                                  for e in chunk for f in e.files], self.out.requests_in_flight)
             for entry in chunk:
                 entry.state = "committed"

@@ -61,20 +61,40 @@ def s3_timestamp(value: str | int | float) -> datetime:
     return parse_timestamp(value)
 
 
-def move_files(fs: fsspec.AbstractFileSystem, moves: list[tuple[str, str]], in_flight: int) -> None:
-    """Move each (source, destination) file; on an object store `in_flight` at once.
+# s3fs copies an object in one request below 150 MiB (its MANAGED_COPY_THRESHOLD), in parts above
+ONE_REQUEST_COPY = 100 * 2**20
 
-    There a move is a copy and a delete, and s3fs asks for the object's size before it copies:
-    three requests a file, one file after another, and a commit moves every part file of the run
-    (benchmarks/output_commit.py). On an async filesystem the copies go `in_flight` at a time on
-    fsspec's loop, then one bulk delete per 1,000 keys. A copy that fails raises, as a move did."""
+
+def move_files(fs: fsspec.AbstractFileSystem, moves: list[tuple[str, str, int]], in_flight: int) -> None:
+    """Move each (source, destination, size in bytes) file; on an object store `in_flight` at once.
+
+    There a move is a copy and a delete, and s3fs asks for the object's size (a HEAD) before it
+    copies, to choose one COPY or a copy in parts: three requests a file, one file after another,
+    and a commit moves every part file of the run (benchmarks/output_commit.py). On an async
+    filesystem the copies go `in_flight` at a time on fsspec's loop, then one bulk delete per 1,000
+    keys; on S3 a file under ONE_REQUEST_COPY (the ledger knows each part file's size) is one COPY,
+    no HEAD. A copy that fails raises, as a move did."""
     if fs.async_impl:
-        fs.copy([src for src, _ in moves], [dest for _, dest in moves], batch_size=in_flight)
-        remove_files(fs, [src for src, _ in moves])
+        fsspec.asyn.sync(fs.loop, _copy_all, fs, moves, in_flight)
+        remove_files(fs, [src for src, _, _ in moves])
         return
-    for src, dest in moves:
+    for src, dest, _ in moves:
         fs.makedirs(posixpath.dirname(dest), exist_ok=True)
         fs.mv(src, dest)
+
+
+async def _copy_all(fs: fsspec.AbstractFileSystem, moves: list[tuple[str, str, int]], in_flight: int) -> None:
+    gate = asyncio.Semaphore(in_flight)
+    one_copy = getattr(fs, "_copy_basic", None)  # s3fs's single CopyObject (what _cp_file calls after its HEAD)
+
+    async def copy(src: str, dest: str, size: int) -> None:
+        async with gate:
+            if one_copy is not None and size < ONE_REQUEST_COPY:
+                await one_copy(src, dest)
+            else:
+                await fs._cp_file(src, dest)
+
+    await asyncio.gather(*(copy(*m) for m in moves))
 
 
 def remove_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:

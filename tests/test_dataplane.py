@@ -216,8 +216,8 @@ def _run_through(out: OutputSpec, run_id: str, shards: list[Shard], store, proxy
 
 def test_the_output_bookkeeping_on_s3_keeps_many_requests_under_way(slow_store):
     """The driver's own reads and writes of an output on an object store: the ledger read at the
-    start (a GET per shard), the commit's moves (a copy and a delete per file) and its ledger
-    writes, the entries of shards no longer listed removed. One request after another, a nightly
+    start (a GET per shard), the commit's moves (a copy and a delete per file; s3fs's HEAD before
+    each copy left out) and its ledger writes, the entries of shards no longer listed removed. One request after another, a nightly
     run over 10,000 shards at 20 ms a request waited minutes before its first row and after its
     last. Through a proxy that holds each request 50 ms: several under way at once, and the output
     is what one at a time made of it."""
@@ -226,9 +226,11 @@ def test_the_output_bookkeeping_on_s3_keeps_many_requests_under_way(slow_store):
     out = OutputSpec(uri="s3://vitpipe-commit/out", mode="incremental")
     shards = [Shard(f"s3://in/{i:02d}.tar", f"etag{i}", 10) for i in range(12)]
 
+    proxy.log.clear()
     plan, manifest, most = _run_through(out, "run1", shards, store, proxy)
     assert len(plan.todo) == 12 and manifest["totals"] == {"shards": 12, "records": 48, "ok": 48, "errors": 0,
                                                             "skipped": 0}
+    assert not [r for r in proxy.log if r.startswith("HEAD ") and r.endswith(".parquet")]  # the ledger knows the sizes
     assert most["record"] >= 4  # each finished shard's entry: the driver waited for each before
     assert most["commit"] >= 4  # the moves and the entries: one request at a time before
     store.invalidate_cache()
