@@ -131,7 +131,7 @@ class Ledger:
             data = next(fetch_in_order(self.fs, [path], 1))  # one GET (s3fs's cat_file asks the size first)
             if isinstance(data, OSError):
                 raise data
-            bodies = [b.encode() for b in json.loads(gzip.decompress(data))["bodies"]]
+            bodies = [b.encode("latin-1") for b in json.loads(gzip.decompress(data))["bodies"]]
         except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError, AttributeError) as e:
             print(f"vitpipe: the ledger's snapshot {path} is unreadable ({type(e).__name__}: {e}); reading "
                   "every entry instead. Nothing is lost: the next commit writes it again", file=sys.stderr)
@@ -144,7 +144,8 @@ class Ledger:
         entry in ~0.05 ms. Not written is not lost: the next run reads each entry instead."""
         if not self.fs.async_impl:
             return
-        body = json.dumps({"bodies": [b.decode() for b in self._bodies.values()]}).encode()
+        # latin-1: each byte one character, so every body comes back byte for byte (and its MD5 with it)
+        body = json.dumps({"bodies": [b.decode("latin-1") for b in self._bodies.values()]}).encode()
         try:
             self.fs.pipe_file(f"{self.dir}/{SNAPSHOT}", gzip.compress(body, compresslevel=1))
         except OSError as e:

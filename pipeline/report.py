@@ -47,6 +47,7 @@ class RunReport:
     parts_by_node: dict[str, int] = field(default_factory=dict)  # part files written, by node
     labels: dict | None = None  # ground truth from names (folders, ClassLabel): what mapped, what did not
     lease: str | None = None  # whose lease this run took over, and why
+    ledger: dict = field(default_factory=dict)  # the ledger at the start: {"entries", "from_snapshot"}
     timeline: list[list[float]] = field(default_factory=list)  # [s from start, records so far], for the page
 
     def to_dict(self) -> dict:
@@ -70,6 +71,9 @@ class RunReport:
             *([f"  lease          {self.lease}"] if self.lease else []),
             f"  shards         {self.shards} listed: {self.shards_processed} processed, {self.shards_resumed} resumed "
             f"from an interrupted run, {self.shards_unchanged} unchanged (mode {self.mode})",
+            *([f"  ledger         {self.ledger['entries']} entries at the start: {self.ledger['from_snapshot']} from "
+               f"its snapshot, {self.ledger['entries'] - self.ledger['from_snapshot']} read one by one"]
+              if self.ledger.get("entries") else []),
             f"  throughput     {self.images_per_s:.1f} images/s over {self.wall_s:.1f} s wall{first}{full}",
             f"  model          {self.model_source} (id {self.model_id[:12]}), embedding dim {self.embedding_dim}",
             f"  engine         {self.engine} x {self.actors} actor(s), {self.threads_per_actor} thread(s) each"

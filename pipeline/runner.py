@@ -211,7 +211,7 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
             started_at=round(t0, 3), time_to_start_s=timing.get("start"), time_to_full_speed_s=full_speed_at(c.timeline, t0),
             decoder=_decoder(plan, c), decoded_gpu=c.decoded_gpu, fallback_cpu=c.fallback_cpu,
             bad_shards=dict(c.bad_shards), parts_by_node=dict(sink.nodes),
-            labels=labels.summary() if labels else None, lease=sink.lease.took_over,
+            labels=labels.summary() if labels else None, lease=sink.lease.took_over, ledger=sink.ledger_read,
             timeline=timeline_points(c.timeline, t0),
         )
         sink.commit({

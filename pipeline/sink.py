@@ -164,6 +164,11 @@ class ParquetSink:
         self.adopted, self.kept = adopted, kept
         return ShardPlan(todo, adopted, kept)
 
+    @property
+    def ledger_read(self) -> dict:
+        """How begin read the ledger: its entries, and how many came from the snapshot (ledger.py)."""
+        return {"entries": len(self.found[0]) if self.found else 0, "from_snapshot": self.ledger.from_snapshot}
+
     # --- while parts report ---------------------------------------------------------------------
 
     def add(self, result: dict) -> None:

@@ -50,6 +50,7 @@ def test_demo_labels_held_out_digits_and_inspect_reads_it(tmp_path):
     # Running the demo again replaces its output (the demo uses mode full): still 359 rows.
     again = _vitpipe("demo", "--out", "demo-output", cwd=tmp_path)
     assert again.returncode == 0
+    assert "ledger         4 entries at the start: 0 from its snapshot, 4 read one by one" in again.stdout  # local disk
     assert duckdb.sql(f"SELECT count(*) FROM '{out}/part-*.parquet'").fetchall()[0][0] == 359
     assert "report.html" in {p.name for p in out.iterdir()}
     # The README's analyze command, from the folder the demo ran in (relative paths in the job spec)

@@ -60,11 +60,13 @@ def test_incremental_runs_only_new_changed_or_remodelled_shards(ray_cluster, s3)
     out = f"{bucket}/out"
     first = run_job(_spec(f"s3://{bucket}/in", f"s3://{out}"))
     assert (first.shards_processed, first.shards_unchanged, first.records_read) == (4, 0, 120)
+    assert first.ledger == {"entries": 0, "from_snapshot": 0}
 
     write_shards(digits[120:], f"s3://{bucket}/in", n_shards=2, prefix="day2")  # 80 more images
     s3.invalidate_cache()
     second = run_job(_spec(f"s3://{bucket}/in", f"s3://{out}"))
     assert (second.shards_processed, second.shards_unchanged, second.records_read) == (2, 4, 80)
+    assert second.ledger == {"entries": 4, "from_snapshot": 4}  # the first commit's snapshot: no GET per entry
     keys = _keys(s3, out)
     assert len(keys) == 200 and len(set(keys)) == 200  # the union, exactly once
 
@@ -73,6 +75,7 @@ def test_incremental_runs_only_new_changed_or_remodelled_shards(ray_cluster, s3)
     s3.invalidate_cache()
     third = run_job(_spec(f"s3://{bucket}/in", f"s3://{out}"))
     assert (third.shards_processed, third.shards_unchanged) == (1, 5)
+    assert third.ledger == {"entries": 6, "from_snapshot": 6}
     keys = _keys(s3, out)
     assert "replaced-0" in keys and len(keys) == 200 - 30 + 1 and len(set(keys)) == len(keys)
 
