@@ -91,16 +91,19 @@ class Ledger:
         self._bodies: dict[str, bytes] = {}  # path -> the body this run read or wrote there: the next snapshot
         self.from_snapshot = 0  # entries the last `entries()` took from the snapshot, not read one by one
 
-    def entries(self) -> dict[str, ShardEntry]:
+    def entries(self, output: dict[str, dict] | None = None) -> dict[str, ShardEntry]:
         """Every shard's entry. On an object store: each found in the snapshot (same MD5) from
         there, the rest `in_flight` GETs at a time. Each GET costs s3fs ~2.5 CPU-ms: a nightly run
         over an output of 10,000 shards spent ~25 CPU-s reading its ledger before its first row
-        (and minutes, one after another)."""
-        self.fs.invalidate_cache()
-        try:
-            listed = {i["name"]: i for i in self.fs.ls(self.dir, detail=True)}
-        except FileNotFoundError:
-            listed = {}
+        (and minutes, one after another). `output`: the whole output's listing with its infos,
+        where the caller has just made one (the sink's begin): _ledger/ is not listed again."""
+        if output is None:
+            self.fs.invalidate_cache()
+            try:
+                output = {i["name"]: i for i in self.fs.ls(self.dir, detail=True)}
+            except FileNotFoundError:
+                output = {}
+        listed = {p: i for p, i in output.items() if p.rpartition("/")[0] == self.dir}
         bundled = self._snapshot() if f"{self.dir}/{SNAPSHOT}" in listed else {}
         out: dict[str, ShardEntry] = {}
         to_read = []

@@ -123,7 +123,7 @@ class ParquetSink:
         self.nodes: Counter = Counter()  # parts written per node
         # The ledger's entries and the output's files as begin found them: under the lease nothing
         # but this run changes them, so commit needs neither read again (a GET per shard, a listing)
-        self.found: tuple[dict[str, ShardEntry], set[str]] | None = None
+        self.found: tuple[dict[str, ShardEntry], dict[str, dict]] | None = None
 
     # --- before any work ---------------------------------------------------------------------
 
@@ -147,8 +147,8 @@ class ParquetSink:
         if self.lease.took_over:
             print(f"vitpipe: {self.lease.took_over}", file=sys.stderr, flush=True)
         self.shards = {shard_key(s.uri): s for s in shards}
-        entries = self.ledger.entries()
         listing = self._listing()
+        entries = self.ledger.entries(listing)
         self.found = entries, listing
         todo, adopted, kept = [], [], []
         for key, s in self.shards.items():
@@ -285,16 +285,16 @@ class ParquetSink:
             if path.endswith(".parquet") and path not in keep:
                 self.fs.rm_file(path)
 
-    def _listing(self) -> set[str]:
-        """Every file under the output from one recursive listing: on S3 one LIST per 1,000 keys,
-        not a HEAD per file (a nightly output of 10,000 shards has 10,000+ files)."""
+    def _listing(self) -> dict[str, dict]:
+        """Every file under the output, with its info, from one recursive listing: on S3 one LIST
+        per 1,000 keys, not a HEAD per file (a nightly output of 10,000 shards has 10,000+ files)."""
         self.fs.invalidate_cache()
         try:
-            return {p.rstrip("/") for p in find_files(self.fs, self.root, self.out.requests_in_flight)}
+            return {p.rstrip("/"): i for p, i in find_files(self.fs, self.root, self.out.requests_in_flight).items()}
         except FileNotFoundError:
-            return set()
+            return {}
 
-    def _files_exist(self, e: ShardEntry, listing: set[str]) -> bool:
+    def _files_exist(self, e: ShardEntry, listing: dict[str, dict]) -> bool:
         base = self.root if e.state == "committed" else f"{self.root}/_pending/{e.run_id}"
         return all(f"{base}/{f['path']}" in listing for f in e.files)
 
