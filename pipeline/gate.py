@@ -6,7 +6,7 @@ before it labels a million images.
   on, the same images every night and finds its cached engine (gate_images).
 - Where it runs (placement): a torch engine has nothing to build, so its check need not hold
   the actors back: on CPUs a driver thread checks while the actors start; on GPUs each model
-  actor checks its own engine on its own GPU and sends the figures with its first part.
+  actor checks its own engine on its own GPU and sends the figures with the first part of each call.
   Engines with a build step (ONNX export, TensorRT, int8/fp8 calibration, torch.compile) are
   built, cached and checked first, by one task with the actors' resources, so that the actors
   load them instead of each building them.
@@ -158,7 +158,7 @@ def start(spec: JobSpec, ckpt: Checkpoint, shards: list, plan: Plan, where: str 
 
     The check is a dict when done, an object ref (first: a task with the model actors'
     resources) or a future (driver: a thread of this process) to pass to `finish`, or None
-    (actors: each actor's figures arrive with its first part). For int8/fp8 the calibration
+    (actors: each actor's figures arrive with its parts). For int8/fp8 the calibration
     batch is the first engine.calibration_samples images of the job; the gate uses the
     engine.gate.samples after them."""
     import ray
@@ -232,9 +232,9 @@ class RunCheck:
         return self.result["backend"] if self.where == "first" else self.backend
 
     def see(self, actor_check: str | None) -> None:
-        """Every part record, before its rows count: an actor's own figures come with its first part
-        (a miss has raised in the actor already); otherwise the driver thread's check must be settled
-        before the first row is accepted."""
+        """Every part record, before its rows count: an actor's own figures come with the first part
+        of each of its calls (a miss has raised in the actor already); otherwise the driver thread's
+        check must be settled before the first row is accepted."""
         if actor_check and self.result is None:
             self.result = finish(json.loads(actor_check), self.calibration)
         if self.result is None:

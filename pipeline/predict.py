@@ -160,7 +160,7 @@ class Predictor:
         built = build_engine(self.ckpt, backend or e.backend, e.precision, e.device, threads, max_batch=call_size,
                              cache_uri=e.cache_uri, compile=e.compile, calibration=calibration)
         # engine.gate.placement actors: this actor checks its own engine now, on its own device, and
-        # sends the figures with its first part (no separate GPU process to start just for the gate)
+        # sends the figures with its parts (no separate GPU process to start just for the gate)
         self.check = None if gate_images is None else check_built(spec, self.ckpt, built, gate_images, threads)
         self.engine, self.call_size = built.engine, call_size
         self.outputs = spec.outputs
@@ -186,9 +186,11 @@ class Predictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.gate import in_actor_verdict
 
-        check, self.check = self.check, None
-        in_actor_verdict(check)  # a miss raises here, before any row is written
-        results = [self._process(part, check if i == 0 else None) for i, part in enumerate(parts_of(batch))]
+        in_actor_verdict(self.check)  # a miss raises here, in every call: no row is written after it
+        # The figures go with the first part of every call, not only of the actor's first: the driver
+        # may get an actor's calls out of order (Ray Data hands on whichever finished call it polls
+        # first), and it accepts no row before it holds a check.
+        results = [self._process(part, self.check if i == 0 else None) for i, part in enumerate(parts_of(batch))]
         return pa.concat_tables(results)
 
     def _process(self, part: Part, check: dict | None) -> pa.Table:

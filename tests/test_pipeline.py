@@ -171,6 +171,34 @@ def test_float16_gap_embeddings_only(ray_cluster, tmp_path, placement):
     assert df.height == 40 and df["embedding"].dtype.size == 96
 
 
+def test_a_model_actor_sends_its_engine_check_with_every_call_and_refuses_after_a_miss(ray_cluster, tmp_path):
+    """engine.gate.placement actors: each model actor checks its own engine and the driver accepts
+    no row before it holds a check. The driver can get an actor's calls out of order (Ray Data
+    hands on whichever finished call it polls first: a CI run of the float16 test failed so), so
+    every call's first part carries the figures; and an actor whose check missed refuses every
+    call, not only its first (a retried call must not write rows either)."""
+    from pipeline.gate import GateError, gate_images
+    from pipeline.predict import Predictor
+    from pipeline.sources import list_shards, part_row, read_parts
+
+    write_shards(digit_jpegs("test")[:40], str(tmp_path / "in"), n_shards=2)
+    spec = _spec(str(tmp_path / "in"), str(tmp_path / "o"), engine={"precision": "bf16", "gate": {"placement": "actors"}})
+    shards = list_shards(spec.source)
+    images = gate_images(spec, shards, load_model(spec.model).preprocess, spec.engine.gate.samples)
+    writer = {"uri": str(tmp_path / "o"), "run_id": "r", "metadata": {}, "row_group_rows": 100}
+    actor = Predictor(spec.model_dump(), threads=1, call_size=16, decode="cpu", writer=writer, backend="torch",
+                      gate_images=images)
+    calls = [part_row(p) for s in shards for p in read_parts(s, spec.source)]
+    assert len(calls) == 2
+    for out in (actor(calls[1]), actor(calls[0])):  # either order
+        check = json.loads(out.column("check")[0].as_py())
+        assert check["gate"]["passed"] and check["gate"]["samples"] == len(images)
+    actor.check = actor.check | {"gate": actor.check["gate"] | {"passed": False}}  # as if the engine had missed
+    for call in calls:
+        with pytest.raises(GateError):
+            actor(call)
+
+
 def test_onnx_backend_matches_torch_end_to_end(ray_cluster, tmp_path):
     write_shards(digit_jpegs("test")[:48], str(tmp_path / "in"), n_shards=2)
     cache = str(tmp_path / "engines")
