@@ -147,9 +147,7 @@ class ParquetSink:
         if self.lease.took_over:
             print(f"vitpipe: {self.lease.took_over}", file=sys.stderr, flush=True)
         self.shards = {shard_key(s.uri): s for s in shards}
-        listing = self._listing()
-        entries = self.ledger.entries(listing)
-        self.found = entries, listing
+        self.found = entries, listing = self._find()
         todo, adopted, kept = [], [], []
         for key, s in self.shards.items():
             e = entries.get(key)
@@ -217,7 +215,7 @@ class ParquetSink:
                                "The finished shards are kept for the next run")
         if self.finished_run_exists():
             self.fs.rm_file(f"{self.root}/_SUCCESS")  # readers stop trusting the old state first
-        old, listing = self.found or (self.ledger.entries(), self._listing())
+        old, listing = self.found or self._find()
         final: dict[str, ShardEntry] = {e.key: e for e in self.kept}
         swapped = self.adopted + self.done
         for start in range(0, len(swapped), COMMIT_CHUNK):  # a chunk's files in place, then its entries
@@ -284,6 +282,11 @@ class ParquetSink:
         for path in staged:
             if path.endswith(".parquet") and path not in keep:
                 self.fs.rm_file(path)
+
+    def _find(self) -> tuple[dict[str, ShardEntry], dict[str, dict]]:
+        """The ledger's entries and the output's files, from one listing of the output."""
+        listing = self._listing()
+        return self.ledger.entries(listing), listing
 
     def _listing(self) -> dict[str, dict]:
         """Every file under the output, with its info, from one recursive listing: on S3 one LIST

@@ -15,12 +15,15 @@ import inspect
 import itertools
 import posixpath
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from typing import TypeVar
 
 import fsspec
+
+T = TypeVar("T")
 
 
 def fast_s3_timestamps(fs: fsspec.AbstractFileSystem) -> None:
@@ -84,17 +87,26 @@ def move_files(fs: fsspec.AbstractFileSystem, moves: list[tuple[str, str, int]],
 
 
 async def _copy_all(fs: fsspec.AbstractFileSystem, moves: list[tuple[str, str, int]], in_flight: int) -> None:
-    gate = asyncio.Semaphore(in_flight)
     one_copy = getattr(fs, "_copy_basic", None)  # s3fs's single CopyObject (what _cp_file calls after its HEAD)
 
     async def copy(src: str, dest: str, size: int) -> None:
-        async with gate:
-            if one_copy is not None and size < ONE_REQUEST_COPY:
-                await one_copy(src, dest)
-            else:
-                await fs._cp_file(src, dest)
+        if one_copy is not None and size < ONE_REQUEST_COPY:
+            await one_copy(src, dest)
+        else:
+            await fs._cp_file(src, dest)
 
-    await asyncio.gather(*(copy(*m) for m in moves))
+    await _at_most(in_flight, [copy(*m) for m in moves])
+
+
+async def _at_most(in_flight: int, coros: list[Awaitable[T]]) -> list[T]:
+    """Await these, `in_flight` under way at a time, on the running loop; results in order."""
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(c: Awaitable[T]) -> T:
+        async with gate:
+            return await c
+
+    return await asyncio.gather(*(one(c) for c in coros))
 
 
 def remove_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
@@ -123,13 +135,7 @@ def find_files(fs: fsspec.AbstractFileSystem, path: str, in_flight: int) -> dict
 async def _find_by_folder(fs: fsspec.AbstractFileSystem, path: str, in_flight: int) -> dict[str, dict]:
     top = await fs._ls(path, detail=True)
     found = {i["name"]: i for i in top if i["type"] == "file"}
-    gate = asyncio.Semaphore(in_flight)
-
-    async def below(folder: str) -> dict[str, dict]:
-        async with gate:
-            return await fs._find(folder, detail=True)
-
-    for files in await asyncio.gather(*(below(i["name"]) for i in top if i["type"] == "directory")):
+    for files in await _at_most(in_flight, [fs._find(i["name"], detail=True) for i in top if i["type"] == "directory"]):
         found.update(files)
     return dict(sorted(found.items()))
 
