@@ -50,20 +50,21 @@ def s3_store(a: argparse.Namespace) -> Iterator[str]:
             server.stop()
 
 
-def serve_proxy(delay_s: float, upstream: tuple[str, int], ports) -> None:
+def serve_proxy(delay_s: float, upstream: tuple[str, int], ports, list_delay_s: float = 0.0) -> None:
     """The latency proxy, in a process of its own: its CPU is not the measured process's."""
     from faultproxy import FaultProxy
 
-    proxy = FaultProxy(upstream, faults=False, delay_s=delay_s)
+    proxy = FaultProxy(upstream, faults=False, delay_s=delay_s, list_delay_s=list_delay_s)
     ports.put(proxy.port)
     threading.Event().wait()
 
 
-def start_proxy(delay_s: float, store: str) -> tuple[multiprocessing.Process, int]:
+def start_proxy(delay_s: float, store: str, list_delay_s: float = 0.0) -> tuple[multiprocessing.Process, int]:
+    """The proxy in front of `store`: every request held `delay_s`, each LIST `list_delay_s` more."""
     ctx = multiprocessing.get_context("spawn")  # this process has threads (fsspec's loop): no fork
     ports = ctx.Queue()
     url = urlsplit(store)
-    proc = ctx.Process(target=serve_proxy, args=(delay_s, (url.hostname, url.port), ports), daemon=True)
+    proc = ctx.Process(target=serve_proxy, args=(delay_s, (url.hostname, url.port), ports, list_delay_s), daemon=True)
     proc.start()
     return proc, ports.get(timeout=60)
 

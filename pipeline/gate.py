@@ -83,6 +83,12 @@ def needs_gate(spec: JobSpec) -> bool:
     return not (e.backend == "torch" and e.precision == "fp32" and not e.compile)
 
 
+def needs_images(spec: JobSpec, where: str) -> bool:
+    """Whether the check needs the job's first images (and so its listing) before the actors start:
+    every gated engine, and `first` for a backend with a build to cache."""
+    return needs_gate(spec) or (where == "first" and spec.engine.backend != "torch")
+
+
 def gate_images(spec: JobSpec, shards: list, pre: Preprocess, n: int) -> np.ndarray:
     """The first n decodable images of the job's own inputs: the gate's fixed batch (N, S, S, 3)."""
     images = [pixels for _, pixels in first_images(spec.source, shards, pre, n)]
@@ -164,7 +170,7 @@ def start(spec: JobSpec, ckpt: Checkpoint, shards: list, plan: Plan, where: str 
     import ray
 
     e = spec.engine
-    if not needs_gate(spec) and (where != "first" or e.backend == "torch"):
+    if not needs_images(spec, where):
         return {"backend": backend or e.backend, "reason": "asked for in the job spec (fp32: the reference, "
                 "no gate)", "cache": "", "gate": None}, None, None
     n_cal = e.calibration_samples if e.precision in QUANTIZED else 0

@@ -36,7 +36,8 @@ PASS_THROUGH = ("key", "source_uri", "source_etag", "member", "label")
 # What the driver receives per part: where its files are and what they hold, nothing more.
 RESULT_SCHEMA = pa.schema([("shard", pa.string()), ("part", pa.int32()), ("last", pa.bool_()),
                            ("fault", pa.string()), ("files", pa.string()), ("counts", pa.string()),
-                           ("check", pa.string()), ("node", pa.string()), ("finished_at", pa.float64())])
+                           ("check", pa.string()), ("node", pa.string()), ("finished_at", pa.float64()),
+                           ("ready_at", pa.float64())])  # when its actor had its engine: the report's start-up
 
 
 def output_schema(embed_dim: int, outputs: OutputsSpec) -> pa.Schema:
@@ -169,6 +170,7 @@ class Predictor:
         self.gpu_decoder = self._gpu_decoder(decode)
         self.writer = PartWriter(**writer)
         self.node = socket.gethostname() + ":" + ray.get_runtime_context().get_node_id()[:8]
+        self.ready_at = time.time()
 
     def _gpu_decoder(self, decode: str):
         """nvJPEG where the plan says so and the engine is on a GPU; else the CPU path, said aloud."""
@@ -197,12 +199,13 @@ class Predictor:
         tables, counts = predict_part(part.records, self.engine, self.ckpt.preprocess, self.ckpt.labels,
                                       self.outputs, self.call_size, self.pool, self.gpu_decoder, self.schema)
         files = self.writer.write(part.shard.uri, part.index, tables)
-        return result_row(part, files, counts, check, self.node)
+        return result_row(part, files, counts, check, self.node, self.ready_at)
 
 
-def result_row(part: Part, files: list[dict], counts: dict, check: dict | None, node: str) -> pa.Table:
+def result_row(part: Part, files: list[dict], counts: dict, check: dict | None, node: str,
+               ready_at: float) -> pa.Table:
     """The one record the driver receives for a part."""
     return pa.table([[part.shard.uri], pa.array([part.index], pa.int32()), [part.last],
                      pa.array([part.fault], pa.string()), [json.dumps(files)], [json.dumps(counts)],
-                     pa.array([json.dumps(check) if check else None], pa.string()), [node], [time.time()]],
-                    schema=RESULT_SCHEMA)
+                     pa.array([json.dumps(check) if check else None], pa.string()), [node], [time.time()],
+                     [ready_at]], schema=RESULT_SCHEMA)

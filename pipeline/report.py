@@ -40,6 +40,9 @@ class RunReport:
     started_at: float = 0.0  # unix time the run began (run_job's call); the times above count from it
     time_to_start_s: float | None = None  # to the dataset's start: model, listing, lease, Ray, the gate
     time_to_full_speed_s: float | None = None
+    time_to_listed_s: float | None = None  # to the shards to do: the listing and the output check done
+    time_to_model_ready_s: float | None = None  # to the first model actor with its engine loaded
+    started_early: bool = False  # the model actors started before the listing ended (runner.Early)
     decoder: str = ""  # where images were decoded
     decoded_gpu: int = 0
     fallback_cpu: int = 0  # records the GPU decoder handed to the CPU path
@@ -75,6 +78,7 @@ class RunReport:
                f"its snapshot, {self.ledger['entries'] - self.ledger['from_snapshot']} read one by one"]
               if self.ledger.get("entries") else []),
             f"  throughput     {self.images_per_s:.1f} images/s over {self.wall_s:.1f} s wall{first}{full}",
+            *([self._start_line()] if self.time_to_listed_s is not None and self.time_to_model_ready_s else []),
             f"  model          {self.model_source} (id {self.model_id[:12]}), embedding dim {self.embedding_dim}",
             f"  engine         {self.engine} x {self.actors} actor(s), {self.threads_per_actor} thread(s) each"
             f" ({self.engine_reason})",
@@ -94,6 +98,12 @@ class RunReport:
         if self.top1_accuracy is not None:
             lines.append(f"  top-1 accuracy {self.top1_accuracy:.4f} on {self.labeled} labeled images")
         return "\n".join(lines)
+
+    def _start_line(self) -> str:
+        """Which of the two start-up paths the first row waited for: the listing or the model actors."""
+        how = "started while the listing ran" if self.started_early else "started after it"
+        return (f"  start          shards to do known at {self.time_to_listed_s:.1f} s; model actors ready at "
+                f"{self.time_to_model_ready_s:.1f} s, {how}")
 
 
 def full_speed_at(timeline: list[tuple[float, int]], t0: float, within: float = 0.9) -> float | None:

@@ -6,6 +6,7 @@ is bounded by the plan, so a test through it ends. Apart from the plan, GETs of 
 `denied` are refused (403 AccessDenied: credentials that may not read them) and of those in
 `gone` find nothing (404 NoSuchKey: deleted after listing). `delay_s` holds every request that
 reaches the store that long first (a remote store's time to first byte, which loopback lacks);
+`list_delay_s` holds each LIST (ListObjectsV2) that long more: a bucket that takes long to list.
 `most_in_flight` is the most requests it has had under way at once; `log` is every request's method
 and path.
 
@@ -95,8 +96,9 @@ def _headers(head: bytes) -> tuple[str, str, dict[str, str]]:
 
 
 class FaultProxy:
-    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 8333), faults: bool = True, delay_s: float = 0.0):
-        self.upstream, self.inject, self.delay_s = upstream, faults, delay_s
+    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 8333), faults: bool = True, delay_s: float = 0.0,
+                 list_delay_s: float = 0.0):
+        self.upstream, self.inject, self.delay_s, self.list_delay_s = upstream, faults, delay_s, list_delay_s
         self.in_flight = self.most_in_flight = 0
         self.denied: set[str] = set()  # object paths (/bucket/key) whose GET is refused: 403 AccessDenied
         self.gone: set[str] = set()  # object paths whose GET finds nothing: 404 NoSuchKey (deleted after listing)
@@ -159,6 +161,8 @@ class FaultProxy:
                     continue
                 if fault == "drop":
                     return  # closed before the store saw it
+                if method == "GET" and "list-type=" in target:
+                    time.sleep(self.list_delay_s)
                 answer = self._delayed_forward(head, body, method)
                 if fault == "lose":
                     return  # the store did it; the client never hears

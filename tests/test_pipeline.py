@@ -483,3 +483,36 @@ def test_hugging_face_datasets_parquet_with_classlabel_names(ray_cluster, tmp_pa
     rows = pl.read_parquet(str(tmp_path / "out" / "part-*.parquet"))
     assert (rows["label"] == rows["topk_ids"].list.first()).mean() > 0.9
     assert "imgs/0.jpg" in rows["member"].to_list()
+
+
+def test_the_model_actors_start_while_a_slow_listing_runs(ray_cluster, slow_store):
+    """A bucket that lists slowly (each LIST held 3 s): the model actors load their engine while the
+    driver still lists the source and checks the output; the shards to do, and the folders' label
+    map, reach the running dataset once known (feed.py); every image lands once, labeled. A refusal
+    found after the actors started (the output holds a finished run) stops the run, nothing written."""
+    from pipeline.demo import LABELS
+
+    store, proxy = slow_store
+    bucket = "vitpipe-early-actors"
+    store.mkdir(bucket)
+    digits = digit_jpegs("test")[:120]
+    store.pipe({f"{bucket}/tree/{LABELS[y]}/img{i:04d}.jpg": data for i, (data, y) in enumerate(digits)})
+    proxy.list_delay_s = 3.0
+    spec = _spec(f"s3://{bucket}/tree", f"s3://{bucket}/out",
+                 source={"format": "images", "images_per_shard": 20, "label_from": "folder"})
+
+    report = run_job(spec)
+    assert report.started_early
+    assert report.time_to_model_ready_s < report.time_to_listed_s < report.time_to_first_row_s
+    assert report.ok_rows == report.labeled == 120 and report.top1_accuracy > 0.9
+    store.invalidate_cache()
+    rows = _duck(store).sql(f"SELECT key, label FROM read_parquet('s3://{bucket}/out/part-*.parquet')").fetchall()
+    assert len(rows) == len({k for k, _ in rows}) == 120
+    assert all(LABELS[label] == key.split("/")[0] for key, label in rows)  # the label map came through the feed
+
+    manifest = store.cat(f"{bucket}/out/_manifest.json")
+    with pytest.raises(OutputExistsError, match="already holds a finished run"):
+        run_job(spec)
+    store.invalidate_cache()
+    assert store.cat(f"{bucket}/out/_manifest.json") == manifest
+    assert [p for p in store.find(f"{bucket}/out/_pending") if p.endswith(".parquet")] == []
