@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
@@ -41,6 +41,10 @@ from pipeline.sink import ParquetSink, ShardPlan, versions
 from pipeline.sources import Shard, ShardReader, list_shards
 
 T = TypeVar("T")
+# How long the listing side may still run, once Ray is up and the model loaded, before the model
+# actors start without it (Early). A listing that ends within it starts them from the list: their
+# number fits the shards (min of plan and shards), where an early start must start the plan's all.
+EARLY_AFTER_S = 1.0
 
 if TYPE_CHECKING:  # torch comes with these: imported where used, in the thread that loads the model
     import numpy as np
@@ -224,6 +228,7 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
         writer = _writer(spec, run_id, ckpt)
         early = None
         try:
+            wait([prepared], timeout=EARLY_AFTER_S)
             early = Early.start(spec, ckpt, prepared, writer, progress) if not prepared.done() else None
             p = prepared.result()
         except BaseException as e:
@@ -315,7 +320,8 @@ class Early:
     """A dataset started before the listing ended: its actors load the model while the driver lists
     the source and checks the output; a feed (feed.py) hands them the shards to do once known.
 
-    Only where the engine's check needs none of the job's images (gate.needs_images): the plain
+    Only where the listing side is still running EARLY_AFTER_S after Ray is up and the model
+    loaded, and the engine's check needs none of the job's images (gate.needs_images): the plain
     fp32 torch reference, the default. `first` is the iteration's first step, taken in a thread of
     its own, because Ray Data starts a dataset (and its actors) at the first step, and that step
     returns only with the first part's record."""
