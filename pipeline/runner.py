@@ -123,22 +123,27 @@ def model_stage(ds: ray.data.Dataset, actor: type, kwargs: dict, plan: Plan, n_s
                           num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None)
 
 
-def prepare_beside_ray(spec: JobSpec, prepare: Callable[[], T], progress: Progress,
-                       undo: Callable[[T], None] | None = None) -> T:
-    """Run `prepare` (load the model, list the shards, ...) in a thread while Ray starts in this
-    one: Ray takes seconds and needs none of it, and its processes die with the thread that
-    started them. If Ray fails to start, `undo` gets what `prepare` made (a lease to give back)."""
+def prepare_beside_ray(spec: JobSpec, prepare: Callable[[], T], progress: Progress) -> T:
+    """Run `prepare` (load the model, list the shards, ...) in a thread while Ray starts in this one."""
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
         prepared = pool.submit(prepare)
-        pool.submit(_import_ray_data)  # after `prepare`, in the same thread, still before Ray is up
-        try:
-            init_ray(spec)
-        except BaseException:
-            if undo and prepared.exception() is None:
-                undo(prepared.result())
-            raise
-        progress.step(cluster_line(spec))
+        start_ray_beside(spec, pool, progress)
     return prepared.result()
+
+
+def start_ray_beside(spec: JobSpec, pool: ThreadPoolExecutor, progress: Progress,
+                     undo: Callable[[], None] | None = None) -> None:
+    """Start Ray in this thread while `pool`'s one thread does what needs no cluster (the model, the
+    listing, the lease: submitted before): Ray takes seconds and needs none of it, and its processes
+    die with the thread that started them. If Ray fails to start, `undo` gives back what was taken."""
+    pool.submit(_import_ray_data)  # after the work submitted, in the same thread, still before Ray is up
+    try:
+        init_ray(spec)
+    except BaseException:
+        if undo:
+            undo()
+        raise
+    progress.step(cluster_line(spec))
 
 
 def _import_ray_data() -> None:
@@ -216,20 +221,14 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
         loaded = pool.submit(lambda: ckpt or load_checkpoint(spec, progress))
         prepared = pool.submit(lambda: _prepare(spec, loaded.result(), run_id, progress))
-        pool.submit(_import_ray_data)  # after `prepare`, in the same thread, still before Ray is up
-        try:
-            init_ray(spec)
-        except BaseException:
-            if prepared.exception() is None:
-                prepared.result().sink.close()  # the lease back
-            raise
-        progress.step(cluster_line(spec))
+        start_ray_beside(spec, pool, progress, undo=lambda: _lease_back(prepared))
         ckpt = loaded.result()
         writer = _writer(spec, run_id, ckpt)
         early = None
         try:
             wait([prepared], timeout=EARLY_AFTER_S)
-            early = Early.start(spec, ckpt, prepared, writer, progress) if not prepared.done() else None
+            plan = None if prepared.done() else plan_on_cluster(spec, ckpt.config)
+            early = Early.start(spec, ckpt, plan, prepared, writer, progress) if plan else None
             p = prepared.result()
         except BaseException as e:
             if early:
@@ -239,7 +238,7 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
             raise
     sink = p.sink
     try:
-        engine_check, plan, timing = _process(spec, ckpt, p, progress, writer, early)
+        engine_check, plan, timing = _process(spec, ckpt, plan, p, progress, writer, early)
         wall = time.time() - t0
         c = sink.counts
         device = "cuda" if plan and plan.gpu else "cpu"
@@ -284,6 +283,12 @@ def run_job(spec: JobSpec, ckpt: Checkpoint | None = None) -> RunReport:
     return report
 
 
+def _lease_back(prepared: Future) -> None:
+    """Ray did not start: give back the lease the prepare thread took, if it took one."""
+    if prepared.exception() is None:
+        prepared.result().sink.close()
+
+
 def _writer(spec: JobSpec, run_id: str, ckpt: Checkpoint) -> dict:
     """What the model actors' PartWriter needs: where, which run, and the part files' metadata."""
     meta = {"run_id": run_id, "model_id": ckpt.model_id, "model_source": ckpt.source,
@@ -326,25 +331,21 @@ class Early:
     its own, because Ray Data starts a dataset (and its actors) at the first step, and that step
     returns only with the first part's record."""
 
-    plan: Plan
     check: RunCheck
     batches: Iterator[pa.Table]
     first: Future
     started: float
 
     @classmethod
-    def start(cls, spec: JobSpec, ckpt: Checkpoint, prepared: Future, writer: dict, progress: Progress) -> Early | None:
+    def start(cls, spec: JobSpec, ckpt: Checkpoint, plan: Plan, prepared: Future, writer: dict,
+              progress: Progress) -> Early | None:
         from pipeline import gate
         from pipeline.feed import fill, new_feed
 
-        plan = plan_on_cluster(spec, ckpt.config)
         if gate.needs_images(spec, gate.placement(spec, plan)[0]):
             return None
-        configure_data(spec, plan)
-        check = gate.RunCheck.begin(spec, ckpt, [], plan)
         feed = new_feed()
-        ds = build_dataset(spec, feed, plan, check.actor_backend, ckpt.preprocess, writer, check.calibration,
-                           check.actor_images)
+        check, ds = _start_dataset(spec, ckpt, plan, feed, [], writer, None, progress)
         progress.step("starting the read and model actors while the listing runs")
         batches = iter(_batches(ds))
         stepper = ThreadPoolExecutor(1, thread_name_prefix="first-step")
@@ -356,13 +357,28 @@ class Early:
             fill(feed, p.work.todo if p else [], p.labels.to_index if p and p.labels else None)
 
         prepared.add_done_callback(hand_over)
-        return cls(plan, check, batches, first, time.time())
+        return cls(check, batches, first, time.time())
 
     def stop(self) -> None:
         """The listing or the output check failed: the feed handed over no shard, so the dataset ends
         with nothing written; wait for that, so that its actors are gone before the error is raised."""
         with contextlib.suppress(Exception):  # the failure to raise is the prepare thread's, not this
             self.first.result(timeout=60)
+
+
+def _start_dataset(spec: JobSpec, ckpt: Checkpoint, plan: Plan, shards: list[Shard] | ActorHandle,
+                   listed: list[Shard], writer: dict, labels: dict[str, int] | None,
+                   progress: Progress) -> tuple[RunCheck, ray.data.Dataset]:
+    """The engine's check begun (gate.py, on the first `listed` images where it needs them) and the
+    dataset over `shards` (the list, or a feed) built with what the check decided."""
+    from pipeline import gate
+
+    configure_data(spec, plan)
+    check = gate.RunCheck.begin(spec, ckpt, listed, plan)
+    if check.where == "first":
+        progress.step(f"engine {check.result['backend']} built and checked on the first listed images")
+    return check, build_dataset(spec, shards, plan, check.actor_backend, ckpt.preprocess, writer,
+                                check.calibration, check.actor_images, labels)
 
 
 def _batches(ds: ray.data.Dataset) -> Iterator[pa.Table]:
@@ -396,7 +412,7 @@ def _decoder(plan: Plan | None, c) -> str:
     return "CPU, inside the model actors"
 
 
-def _process(spec: JobSpec, ckpt: Checkpoint, p: Prepared, progress: Progress, writer: dict,
+def _process(spec: JobSpec, ckpt: Checkpoint, plan: Plan | None, p: Prepared, progress: Progress, writer: dict,
              early: Early | None) -> tuple[dict, Plan | None, dict]:
     """Stream the shards to do through Ray; returns (engine check, plan, {"start", "first_row",
     "model_ready"} in s). The gate's and the int8/fp8 calibration's images come from the first
@@ -406,7 +422,7 @@ def _process(spec: JobSpec, ckpt: Checkpoint, p: Prepared, progress: Progress, w
     t0 = progress.t0
     nothing = {"backend": spec.engine.backend, "reason": "no shard needed processing", "cache": "", "gate": None}
     if early:
-        plan, check, timing = early.plan, early.check, {"start": round(early.started - t0, 3)}
+        check, timing = early.check, {"start": round(early.started - t0, 3)}
         first = early.first.result()  # the dataset ends at once when the feed holds no shard
         if not p.work.todo:
             return nothing, None, {}
@@ -414,13 +430,9 @@ def _process(spec: JobSpec, ckpt: Checkpoint, p: Prepared, progress: Progress, w
     else:
         if not p.work.todo:
             return nothing, None, {}
-        plan = plan_on_cluster(spec, ckpt.config)
-        configure_data(spec, plan)
-        check = gate.RunCheck.begin(spec, ckpt, p.shards, plan)
-        if check.where == "first":
-            progress.step(f"engine {check.result['backend']} built and checked on the first listed images")
-        ds = build_dataset(spec, p.work.todo, plan, check.actor_backend, ckpt.preprocess, writer, check.calibration,
-                           check.actor_images, p.labels.to_index if p.labels else None)
+        plan = plan or plan_on_cluster(spec, ckpt.config)
+        check, ds = _start_dataset(spec, ckpt, plan, p.work.todo, p.shards, writer,
+                                   p.labels.to_index if p.labels else None, progress)
         timing = {"start": round(time.time() - t0, 3)}
         progress.starting(len(p.work.todo))
         batches = _batches(ds)
