@@ -38,15 +38,21 @@ class Preprocess:
     # "squash": resize straight to image_size x image_size (Hugging Face ViT).
     resize: str = "crop"
     crop_pct: float = 0.875
+    # The resampling filter: bicubic (timm, CLIP, DINOv2, DeiT) or bilinear (SigLIP's processor).
+    interpolation: str = "bicubic"
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize, "crop_pct": self.crop_pct}
+        d = {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+             "resize": self.resize, "crop_pct": self.crop_pct}
+        if self.interpolation != "bicubic":  # (model ids from before this field stay the same)
+            d["interpolation"] = self.interpolation
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   resize=d.get("resize", "crop"), crop_pct=float(d.get("crop_pct", 0.875)))
+                   resize=d.get("resize", "crop"), crop_pct=float(d.get("crop_pct", 0.875)),
+                   interpolation=d.get("interpolation", "bicubic"))
 
 
 class DecodeError(ValueError):
@@ -131,7 +137,8 @@ def resize_and_crop(img: Image.Image, pre: Preprocess) -> Image.Image:
     left, top = (tw - size) // 2, (th - size) // 2  # the crop, in resized pixels
     sx, sy = w / tw, h / th
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)  # the same, in source pixels
-    return img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=None)
+    resample = Image.BILINEAR if pre.interpolation == "bilinear" else Image.BICUBIC
+    return img.resize((size, size), resample, box=box, reducing_gap=None)
 
 
 def is_image_name(name: str) -> bool:
