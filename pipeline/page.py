@@ -4,8 +4,12 @@ inline as PNG, no script or style from the network) that a person opens in a bro
 Built only from what the output holds (the manifest, the error files, the analysis tables),
 so `vitpipe report OUT` rebuilds it at any time, anywhere the output can be read:
 
-- a run (format vitpipe-output/1): counts, errors by type with examples, throughput over time,
-  time to the first row and to full speed, engine and accuracy-gate figures;
+- a run (format vitpipe-output/1): counts; the images and their labels, from the sample the
+  model actors made (OUT/_samples/, samples.py): a grid of thumbnails (the most confident of the
+  most frequent classes, the least confident, those whose ground truth disagrees), the
+  distribution of top-1 labels and scores, a confusion matrix where labels exist, a PCA map of
+  sampled embeddings; errors by type with examples, throughput over time, time to the first row
+  and to full speed, engine and accuracy-gate figures;
 - an analysis (vitpipe-analysis/1, OUT/analysis/): attention distance against depth per head
   (the paper's Fig. 7, right), the position-embedding similarity grid (Fig. 7, centre), rollout
   overlays, and the class token vs mean-of-patches kNN figures. The figures are also written
@@ -28,6 +32,8 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline import samples
+
 _CHECK = """<script>
 addEventListener("load", () => {
   const imgs = [...document.querySelectorAll("img.figure")];
@@ -45,6 +51,28 @@ addEventListener("load", () => {
   }
   document.body.dataset.figures = imgs.length;
   document.body.dataset.figuresDrawn = drawn;
+  // thumbnails: how many decoded, and what each drew (4 x 4 block means, 0-255), beside the row it names
+  const thumbs = [...document.querySelectorAll("img.thumb")];
+  let shown = 0;
+  for (const img of thumbs) {
+    if (!img.complete || !img.naturalWidth) continue;
+    const c = document.createElement("canvas");
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const g = c.getContext("2d"); g.drawImage(img, 0, 0);
+    const px = g.getImageData(0, 0, c.width, c.height).data;
+    const grid = new Array(16).fill(0), n = new Array(16).fill(0);  // mean grey of each of 4 x 4 blocks
+    for (let y = 0; y < c.height; y++)
+      for (let x = 0; x < c.width; x++) {
+        const i = 4 * (y * c.width + x), b = 4 * Math.floor(4 * y / c.height) + Math.floor(4 * x / c.width);
+        grid[b] += (px[i] + px[i + 1] + px[i + 2]) / 3; n[b]++;
+      }
+    const fig = img.closest("figure");
+    fig.dataset.drawnGrid = grid.map((v, b) => (v / n[b]).toFixed(1)).join(",");
+    fig.dataset.drawnSize = c.width + "x" + c.height;
+    shown++;
+  }
+  document.body.dataset.thumbs = thumbs.length;
+  document.body.dataset.thumbsDrawn = shown;
 });
 </script>"""
 _STYLE = """<style>
@@ -53,6 +81,11 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom:
 table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ddd; padding: 3px 8px; }
 th { background: #f4f4f4; text-align: left; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
 img.figure { max-width: 100%; border: 1px solid #eee; } code { background: #f4f4f4; padding: 0 3px; }
+.grid { display: flex; flex-wrap: wrap; gap: 8px; margin: .5em 0 1em; }
+figure.thumb { margin: 0; width: 112px; font-size: 11px; line-height: 1.25; }
+img.thumb { width: 96px; height: 96px; object-fit: contain; image-rendering: pixelated; border: 1px solid #ddd; }
+figure.thumb .key { color: #666; word-break: break-all; } figure.thumb .wrong { color: #b00; }
+td.c { text-align: right; font-variant-numeric: tabular-nums; min-width: 2.5em; }
 </style>"""
 
 
@@ -93,7 +126,8 @@ def run_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> str:
                            f"{r.get('shards_unchanged', 0)} unchanged", t.get("shards")],
                 ["duplicates dropped (retried parts)", r.get("duplicates_dropped", 0), ""],
             ]),
-            "<h2>Errors by type</h2>", _errors(fs, root, manifest),
+            *_sample_sections(fs, root, manifest),
+            "<h2>Errors by type, with examples</h2>", _errors(fs, root, manifest),
             "<h2>Throughput</h2>",
             _table(["", ""], [
                 ["wall time", f"{r.get('wall_s', 0):.1f} s"],
@@ -106,8 +140,9 @@ def run_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> str:
                                    r.get("time_to_full_speed_s"), r.get("wall_s")), "throughput over time"),
             "<h2>Engine</h2>",
             _table(["", ""], [
-                ["model", f"{r.get('model_source', '')} (id {str(r.get('model_id', ''))[:12]}), "
-                          f"embedding dim {r.get('embedding_dim')}"],
+                ["model", f"{r.get('model_source', '')} ({r.get('model_family', 'vit')}, id "
+                          f"{str(r.get('model_id', ''))[:12]}), embedding dim {r.get('embedding_dim')}"
+                          f"{', L2-normalized' if r.get('normalized') else ''}"],
                 ["engine", f"{r.get('engine', '')} ({r.get('engine_reason', '')})"],
                 ["actors", f"{r.get('actors')} x {r.get('threads_per_actor')} thread(s), "
                            f"{r.get('decode_actors', 0)} decode actor(s)"],
@@ -119,6 +154,166 @@ def run_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> str:
             ]),
             "<h2>Accuracy gate</h2>", _gate(r.get("gate"))]
     return _page(f"vitpipe run {r.get('run_id', '')}", body)
+
+
+def _sample_sections(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> list[str]:
+    """The sections drawn from this run's sample (samples.py): the grid, the distributions, the
+    confusion matrix (where labels exist) and the embedding map (where embeddings are written)."""
+    files = [f for f in manifest.get("samples", []) if f.get("this_run")]
+    if not files:
+        why = ("this run wrote no new rows" if manifest.get("samples") is not None
+               else "this output was written before runs kept a sample (rerun it to get one)")
+        return ["<h2>Images and their labels</h2>", f"<p>No sample to show: {_e(why)}.</p>"]
+    sample = samples.read_run_sample(fs, root, files)
+    names = list((manifest.get("model") or {}).get("labels") or [])
+
+    def name(i: int | None) -> str:
+        if i is None:
+            return ""
+        return names[i] if 0 <= i < len(names) else sample.names.get(i, str(i))
+
+    picks = samples.choose(sample)
+    thumbs = samples.read_thumbs(fs, root, [row for rows in picks.values() for row in rows])
+    scope = (f"From this run's {sample.rows_seen:,} ok rows ({len(files)} part(s) sampled, {len(sample.rows)} rows "
+             f"kept by the model actors); the whole output's counts are above.")
+    out = ["<h2>Images and their labels</h2>", f"<p>{_e(scope)} Each thumbnail is the image the model saw "
+           "(after resize and crop), with its top-1 label and score.</p>"]
+    titles = {"confident": "Most confident images of the most frequent classes", "unsure": "Least confident images",
+              "mislabeled": "Ground truth disagrees with the prediction (most confident first)",
+              "any": "Some images (the model has no classification head)"}
+    for group, title in titles.items():
+        if picks[group]:
+            out += [f"<h3>{_e(title)}</h3>", _grid(group, picks[group], thumbs, name)]
+    if not sample.labeled:
+        out.append("<p>No ground-truth labels in this run: no disagreements and no confusion matrix to show.</p>")
+    elif not picks["mislabeled"]:
+        out.append(f"<p>Every one of the {sample.labeled:,} labeled images got its label as top-1.</p>")
+    if sample.top1:
+        out += ["<h2>Top-1 labels and scores</h2>", _img(distribution_figure(sample, name), "top-1 distributions"),
+                _top_classes(sample, name)]
+    if sample.labeled:
+        out += ["<h2>Confusion matrix</h2>", _confusion(sample, name)]
+    xy, ids, share = samples.map_points(sample)
+    if len(xy):
+        out += ["<h2>Embedding map</h2>",
+                f"<p>PCA of {len(xy):,} sampled embeddings (rows chosen by a hash of their key, in every part), "
+                f"coloured by top-1 label; the two axes hold {share:.0%} of their variance. Images that look alike "
+                "to the model lie close together.</p>", _img(map_figure(xy, ids, name), "PCA map of embeddings")]
+    elif (manifest.get("job") or {}).get("outputs", {}).get("embeddings") is False:
+        out += ["<h2>Embedding map</h2>", "<p>Not drawn: this job wrote no embeddings (outputs.embeddings: false).</p>"]
+    return out
+
+
+def _grid(group: str, rows: list[dict], thumbs: dict[str, bytes], name) -> str:
+    """Thumbnails with the row each belongs to: its key, top-1 label and score, and ground truth."""
+    cells = []
+    for r in rows:
+        jpeg = thumbs.get(r["key"])
+        if jpeg is None:
+            continue
+        label, score = r["top1_label"] or "", r["top1_score"]
+        truth = "" if r["label"] is None else name(r["label"])
+        wrong = truth and r["top1_id"] is not None and r["label"] != r["top1_id"]
+        caption = (f"<b>{_e(label)}</b> {score:.3f}" if score is not None else "") + \
+            (f'<br><span class="wrong">true: {_e(truth)}</span>' if wrong else (f"<br>true: {_e(truth)}" if truth else "")) + \
+            f'<br><span class="key">{_e(r["key"])}</span>'
+        cells.append(f'<figure class="thumb" data-group="{group}" data-key="{_e(r["key"])}" data-label="{_e(label)}" '
+                     f'data-score="{"" if score is None else f"{score:.6f}"}" data-truth="{_e(truth)}">'
+                     f'<img class="thumb" alt="{_e(r["key"])}" src="data:image/jpeg;base64,'
+                     f'{base64.b64encode(jpeg).decode()}"><figcaption>{caption}</figcaption></figure>')
+    return f'<div class="grid">{"".join(cells)}</div>'
+
+
+def _top_classes(sample: samples.RunSample, name, most: int = 10) -> str:
+    total = sum(sample.top1.values())
+    top = sorted(sample.top1.items(), key=lambda kv: (-kv[1], kv[0]))
+    rows = [[name(c), k, f"{k / total:.1%}"] for c, k in top[:most]]
+    if len(top) > most:
+        rest = sum(k for _, k in top[most:])
+        rows.append([f"{len(top) - most} other classes", rest, f"{rest / total:.1%}"])
+    b = sample.score_bins
+    high = sum(b[int(0.9 * len(b)):]) / max(sum(b), 1)
+    low = sum(b[: int(0.5 * len(b))]) / max(sum(b), 1)
+    return (_table(["top-1 label", "images", "share"], rows) +
+            f"<p>{len(top)} classes predicted; top-1 score at least 0.9 for {high:.1%} of images, "
+            f"below 0.5 for {low:.1%}.</p>")
+
+
+def _confusion(sample: samples.RunSample, name, most: int = 10) -> str:
+    """Rows: ground truth; columns: top-1; for the `most` classes with the most labeled or
+    predicted images, the rest together as "other". A cell's shade is its share of its row."""
+    weight: dict[int, int] = {}
+    for (a, b), k in sample.confusion.items():
+        weight[a] = weight.get(a, 0) + k
+        weight[b] = weight.get(b, 0) + k
+    classes = sorted(weight, key=lambda c: (-weight[c], c))[:most]
+    other = len(weight) > len(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    size = len(classes) + other
+    m = np.zeros((size, size), np.int64)
+    for (a, b), k in sample.confusion.items():
+        m[index.get(a, size - 1), index.get(b, size - 1)] += k
+    heads = [name(c) for c in classes] + (["other"] if other else [])
+    right = sum(k for (a, b), k in sample.confusion.items() if a == b)
+    html_rows = []
+    for i, h in enumerate(heads):
+        total = max(int(m[i].sum()), 1)
+        cells = "".join(f'<td class="c" style="background: rgba({"31,119,180" if i == j else "214,39,40"},'
+                        f'{0.85 * m[i, j] / total:.2f})">{m[i, j] or ""}</td>' for j in range(size))
+        recall = f"{m[i, i] / total:.1%}" if i < len(classes) else ""
+        html_rows.append(f"<tr><th>{_e(h)}</th>{cells}<td class='c'>{int(m[i].sum())}</td><td class='c'>{recall}</td></tr>")
+    head = "".join(f"<th>{_e(h)}</th>" for h in heads)
+    return (f"<p>{sample.labeled:,} labeled images, {right / max(sample.labeled, 1):.1%} with their label as top-1. "
+            f"Rows: ground truth; columns: top-1 prediction; the {len(classes)} classes with the most images"
+            f"{', the rest as other' if other else ''}.</p>"
+            f'<table class="confusion"><tr><th>true \\ top-1</th>{head}<th>images</th><th>right</th></tr>'
+            f"{''.join(html_rows)}</table>")
+
+
+def distribution_figure(sample: samples.RunSample, name, most: int = 20) -> bytes:
+    """Left: images per top-1 label (the `most` most frequent, the rest as one bar); right: the
+    histogram of top-1 scores, over every row of the run."""
+    fig = _figure(figsize=(10, 3.4))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    top = sorted(sample.top1.items(), key=lambda kv: (-kv[1], kv[0]))
+    bars = [(name(c)[:18], k) for c, k in top[:most]]
+    if len(top) > most:
+        bars.append((f"{len(top) - most} others", sum(k for _, k in top[most:])))
+    left.bar(range(len(bars)), [k for _, k in bars], color="#1f77b4")
+    left.set_xticks(range(len(bars)), [b for b, _ in bars], rotation=60, ha="right", fontsize=8)
+    left.set_ylabel("images")
+    left.set_title(f"top-1 label ({sum(sample.top1.values()):,} images)", fontsize=10)
+    bins = sample.score_bins
+    edges = np.linspace(0, 1, len(bins) + 1)
+    right.stairs(bins, edges, fill=True, color="#ff7f0e", alpha=0.8)
+    right.set_xlabel("top-1 score (softmax)")
+    right.set_ylabel("images")
+    right.set_title("top-1 score", fontsize=10)
+    return _png(fig)
+
+
+def map_figure(xy: np.ndarray, ids: list[int | None], name, most: int = 10) -> bytes:
+    """The PCA map: the `most` most frequent top-1 classes in colour, the rest grey."""
+    import matplotlib
+
+    fig = _figure(figsize=(6.5, 5))
+    ax = fig.subplots()
+    counts: dict = {}
+    for i in ids:
+        counts[i] = counts.get(i, 0) + 1
+    shown = sorted(counts, key=lambda c: (-counts[c], -1 if c is None else c))[:most]
+    cmap = matplotlib.colormaps["tab10"]
+    ids_arr = np.array([-1 if i is None else i for i in ids])
+    rest = ~np.isin(ids_arr, [-1 if c is None else c for c in shown])
+    if rest.any():
+        ax.scatter(xy[rest, 0], xy[rest, 1], s=8, color="#bbb", label="other classes")
+    for k, c in enumerate(shown):
+        sel = ids_arr == (-1 if c is None else c)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=10, color=cmap(k % 10), label=name(c) if c is not None else "no head")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=7, loc="best", markerscale=1.5)
+    return _png(fig)
 
 
 def _errors(fs: fsspec.AbstractFileSystem, root: str, manifest: dict, per_type: int = 3,
@@ -229,6 +424,17 @@ def throughput_plot(timeline: list[list[float]], first_row: float | None, full_s
 # --- an analysis ---------------------------------------------------------------------------------
 
 
+def _tokens(manifest: dict) -> str:
+    """The family and its tokens before the patches, which the distances and the patch mean leave out."""
+    t = manifest.get("tokens") or {}
+    family = manifest["model"].get("family", "vit")
+    prefix = ", ".join(t.get("prefix", [])) or "none"
+    extra = f" Rollout: {t['rollout']}." if t.get("rollout") else ""
+    return (f"<p>Family <b>{_e(family)}</b>. Tokens before the patches (left out of the distances and the patch "
+            f"mean): {_e(prefix)}. The first embedding compared below: {_e(t.get('first_embedding', 'class token'))}."
+            f"{_e(extra)}</p>")
+
+
 def analysis_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> str:
     tables = {name: _read(fs, f"{root}/{name}.parquet")
               for name in ("attention_distance", "position_similarity", "rollout", "knn")}
@@ -248,6 +454,7 @@ def analysis_page(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> s
             f"{cfg['depth']} layers x {cfg['heads']} heads, {cfg['image_size']} px images in "
             f"{cfg['patch_size']} px patches. {c['ok']} images analyzed ({c['errors']} failed to decode) from "
             f"{manifest['shards']} shard(s) in {manifest['wall_s']:.1f} s.</p>",
+            _tokens(manifest),
             "<h2>Mean attention distance</h2>",
             "<p>For each head: attention weight x pixel distance between query and key patch centres, summed "
             "over keys, averaged over query patches and over every image (the paper's Fig. 7, right). "

@@ -29,6 +29,7 @@ from pipeline.config import JobSpec, OutputsSpec
 from pipeline.decode import Preprocess, decode_records
 from pipeline.engines.base import Engine, run_in_calls
 from pipeline.model.checkpoints import Checkpoint, load_model
+from pipeline.samples import part_sample
 from pipeline.sources import Part, parts_of
 from pipeline.write import ERROR_COLUMNS, PartWriter
 
@@ -56,8 +57,10 @@ def output_schema(embed_dim: int, outputs: OutputsSpec) -> pa.Schema:
 
 def predict_part(records: pa.Table, engine: Engine, pre: Preprocess, labels: list[str], outputs: OutputsSpec,
                  call_size: int, pool: Executor | None = None, gpu_decoder: Any = None,
-                 schema: pa.Schema | None = None) -> tuple[dict[str, pa.Table], dict]:
-    """A part's records (RECORD_SCHEMA) -> ({"ok": rows, "errors": rows}, counts).
+                 schema: pa.Schema | None = None, sample: bool = False) -> tuple[dict[str, pa.Table], dict]:
+    """A part's records (RECORD_SCHEMA) -> ({"ok": rows, "errors": rows}, counts); with `sample`,
+    also "samples": the page's thumbnails and rows of this part (samples.py), made here, where the
+    pixels are, so that no one reads an image again for the page.
 
     Counts: records, ok, errors and skipped by type, labeled and correct (top-1), and how many
     records the GPU decoded and how many fell back to the CPU."""
@@ -68,8 +71,10 @@ def predict_part(records: pa.Table, engine: Engine, pre: Preprocess, labels: lis
         pixels, cols = decode_records(records, pre, pool)  # (N, S, S, 3)
     status = pa.array(cols["status"], pa.string())
     ok = np.flatnonzero(pc.equal(status, "ok").to_numpy(zero_copy_only=False))
-    emb, logits = run_in_calls(engine, _take(pixels, ok), call_size,
-                               pad=engine.info.device.startswith("cuda"))  # (n, D), (n, C)
+    seen = _take(pixels, ok)  # (n, S, S, 3): what the model sees
+    emb, logits = run_in_calls(engine, seen, call_size, pad=engine.info.device.startswith("cuda"))  # (n, D), (n, C)
+    if outputs.normalize is True:  # resolved from auto by the Predictor (outputs.normalizes(family))
+        emb = unit_length(emb)
     schema = schema or output_schema(engine.embed_dim, outputs)
     rows = records.select(list(PASS_THROUGH)).take(pa.array(ok, pa.int64()))
     data: dict[str, Any] = {c: rows.column(c) for c in PASS_THROUGH}
@@ -81,7 +86,16 @@ def predict_part(records: pa.Table, engine: Engine, pre: Preprocess, labels: lis
         data.update(top_k(logits, outputs.top_k, labels, has_head=engine.num_classes > 0))
     ok_rows = pa.table({f.name: data[f.name] for f in schema}, schema=schema)
 
-    return {"ok": ok_rows, "errors": error_table(records, cols)}, part_counts(cols, ok_rows, decoded)
+    tables = {"ok": ok_rows, "errors": error_table(records, cols)}
+    if sample and ok_rows.num_rows:
+        tables["samples"] = part_sample(ok_rows, seen, emb if outputs.embeddings else None)
+    return tables, part_counts(cols, ok_rows, decoded)
+
+
+def unit_length(emb: np.ndarray) -> np.ndarray:
+    """(n, D) -> (n, D) rows of L2 norm 1 (a zero row stays zero), in float32."""
+    emb = np.asarray(emb, np.float32)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 
 def error_table(records: pa.Table, cols: dict[str, list]) -> pa.Table:
@@ -164,7 +178,7 @@ class Predictor:
         # sends the figures with its parts (no separate GPU process to start just for the gate)
         self.check = None if gate_images is None else check_built(spec, self.ckpt, built, gate_images, threads)
         self.engine, self.call_size = built.engine, call_size
-        self.outputs = spec.outputs
+        self.outputs = spec.outputs.model_copy(update={"normalize": spec.outputs.normalizes(self.ckpt.config.family)})
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
         self.schema = output_schema(self.engine.embed_dim, self.outputs)
         self.gpu_decoder = self._gpu_decoder(decode)
@@ -197,7 +211,8 @@ class Predictor:
 
     def _process(self, part: Part, check: dict | None) -> pa.Table:
         tables, counts = predict_part(part.records, self.engine, self.ckpt.preprocess, self.ckpt.labels,
-                                      self.outputs, self.call_size, self.pool, self.gpu_decoder, self.schema)
+                                      self.outputs, self.call_size, self.pool, self.gpu_decoder, self.schema,
+                                      sample=True)
         files = self.writer.write(part.shard.uri, part.index, tables)
         return result_row(part, files, counts, check, self.node, self.ready_at)
 

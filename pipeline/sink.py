@@ -11,7 +11,8 @@ the shards that were in flight or being recorded.
 A part reported twice (Ray retried it) is kept once: the first record wins, and the
 other attempt's files are swept at commit.
 
-Commit, at the end of a run: remove _SUCCESS, move pending files into OUT/, drop
+Commit, at the end of a run: remove _SUCCESS, move pending files (rows, errors and the page's
+samples, OUT/_samples/) into OUT/, drop
 the files they replace (and, in mode full, shards no longer listed), sweep files
 no ledger entry names, write the ledger's snapshot (one object the next run's start
 reads instead of an entry per shard: ledger.py), then the manifest and _SUCCESS last. A reader that
@@ -235,12 +236,18 @@ class ParquetSink:
             self.ledger.delete_many(sorted(set(old) - set(final)))
         self.ledger.write_snapshot()  # every entry now: the next run's start reads one object, not one per shard
         # part files no ledger entry names (a dead run's leftovers), and all pending dirs
-        sweep(self.fs, self.root, ("part-*.parquet", "errors/part-*.parquet"), {f["path"] for e in final.values() for f in e.files})
-        files = [f for e in sorted(final.values(), key=lambda e: e.uri) for f in e.files]
+        sweep(self.fs, self.root, ("part-*.parquet", "errors/part-*.parquet", "_samples/part-*.parquet"),
+              {f["path"] for e in final.values() for f in e.files})
+        ordered = sorted(final.values(), key=lambda e: e.uri)
+        files = [f for e in ordered for f in e.files if f["kind"] != "samples"]
+        # the page's sample (samples.py): beside the dataset's files, not among them; each says
+        # whether this run made it (an incremental run's page shows its own rows)
+        this_run = {e.key for e in swapped}
+        samples = [f | {"this_run": e.key in this_run} for e in ordered for f in e.files if f["kind"] == "samples"]
         totals = {"shards": len(final), "records": sum(e.records for e in final.values()),
                   "ok": sum(e.ok for e in final.values()), "errors": sum(e.errors for e in final.values()),
                   "skipped": sum(e.skipped for e in final.values())}
-        manifest = manifest | {"files": files, "totals": totals}
+        manifest = manifest | {"files": files, "totals": totals, "samples": samples}
         self._write_json("_manifest.json", manifest)
         self._write_json("_report.json", manifest.get("report", {}))
         self._write_json(f"_runs/{self.run_id}.json", manifest.get("report", {}) | {"status": "succeeded"})

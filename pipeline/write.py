@@ -2,10 +2,12 @@
 model actor that made the rows. No row passes through the driver: it receives only what
 `PartWriter.write` returns (paths, row counts, bytes, sha256) and commits (sink.py).
 
-Each part is one ok file and, if any record failed, one errors file:
+Each part is one ok file, one errors file if any record failed, and the page's sample of its
+rows (samples.py) where the model actor made one:
 
     OUT/_pending/RUN/part-SHARDKEY-PART-ATTEMPT.parquet
     OUT/_pending/RUN/errors/part-SHARDKEY-PART-ATTEMPT.parquet
+    OUT/_pending/RUN/_samples/part-SHARDKEY-PART-ATTEMPT.parquet
 
 ATTEMPT is new for every write: when Ray retries a part (a lost actor or node), the retry
 writes new files beside any the first attempt left, and the driver keeps whichever record
@@ -26,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ledger import shard_key
 
+FOLDERS = {"ok": "", "errors": "errors/", "samples": "_samples/"}  # where each kind of file goes, under OUT/
 ERROR_COLUMNS = ("key", "source_uri", "source_etag", "member", "label", "error_stage", "error_type", "error_message")
 
 
@@ -48,15 +51,15 @@ class PartWriter:
         self._made: set[str] = set()
 
     def write(self, shard_uri: str, part: int, tables: dict[str, pa.Table]) -> list[dict]:
-        """{"ok": rows, "errors": rows} -> one entry per file written: path (relative to the
-        output), kind, rows, bytes, sha256. Empty tables write no file."""
+        """{"ok": rows, "errors": rows, "samples": rows?} -> one entry per file written: path
+        (relative to the output), kind, rows, bytes, sha256. Empty tables write no file."""
         attempt = uuid.uuid4().hex[:8]
         files = []
         for kind, table in tables.items():
             if table.num_rows == 0:
                 continue
             name = f"part-{shard_key(shard_uri)}-{part:04d}-{attempt}.parquet"
-            rel = name if kind == "ok" else f"errors/{name}"
+            rel = FOLDERS[kind] + name
             data = self._encode(table)
             self._put(f"{self.dir}/{rel}", data)
             files.append({"path": rel, "kind": kind, "rows": table.num_rows, "bytes": len(data),
@@ -65,7 +68,8 @@ class PartWriter:
 
     def _encode(self, table: pa.Table) -> bytes:
         sink = pa.BufferOutputStream()
-        table = table.replace_schema_metadata(self.meta)
+        own = {k: v for k, v in (table.schema.metadata or {}).items() if k.startswith(b"vitpipe.")}  # samples' stats
+        table = table.replace_schema_metadata(own | self.meta)
         pq.write_table(table, sink, compression="zstd", row_group_size=self.row_group_rows)
         return sink.getvalue().to_pybytes()
 

@@ -196,7 +196,8 @@ def test_analyze_digits_writes_tables_figures_and_pages_that_agree_with_direct_c
     if CHROMIUM is None:
         pytest.skip("chromium is not installed here (make test installs Debian's chromium where it can); "
                     "the pages were built but not rendered")
-    assert render(str(out / "report.html")) == {"figures": 1, "figures-drawn": 1}
+    # the run page: the top-1 distributions, the embedding map, the throughput chart (tests/test_page.py: the rest)
+    assert render(str(out / "report.html")) == {"figures": 3, "figures-drawn": 3}
     assert render(str(a / "report.html")) == {"figures": 3, "figures-drawn": 3}
     json.loads((a / "_manifest.json").read_text())  # still valid after the rebuild
 

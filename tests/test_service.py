@@ -84,7 +84,7 @@ def test_incremental_runs_only_new_changed_or_remodelled_shards(ray_cluster, s3)
     assert (fourth.shards_processed, fourth.shards_unchanged) == (6, 0)
     manifest = json.loads(s3.cat(f"{out}/_manifest.json"))
     assert manifest["totals"]["records"] == 171 and manifest["model"]["id"] == fourth.model_id
-    assert _visible_parts(s3, out) == {f["path"] for f in manifest["files"]}  # no stray files
+    assert _visible_parts(s3, out) == {f["path"] for f in manifest["files"] + manifest["samples"]}  # no stray files
 
 
 def test_a_held_lease_makes_a_second_run_refuse(ray_cluster, tmp_path):
@@ -171,7 +171,7 @@ def test_driver_killed_mid_run_then_resumed_exactly_once(s3, tmp_path):
     keys = _keys(s3, out)
     assert len(keys) == 240 and len(set(keys)) == 240
     manifest = json.loads(s3.cat(f"{out}/_manifest.json"))
-    assert _visible_parts(s3, out) == {f["path"] for f in manifest["files"]}  # nothing stray, nothing pending
+    assert _visible_parts(s3, out) == {f["path"] for f in manifest["files"] + manifest["samples"]}  # nothing stray, nothing pending
     runs = [json.loads(s3.cat(p)) for p in s3.glob(f"{out}/_runs/*.json")]
     assert sorted(r["status"] for r in runs) == ["succeeded"]  # the killed run could not even record itself
 
@@ -538,7 +538,7 @@ def test_a_job_through_a_store_that_throttles_and_drops_connections_is_exact(s3,
     assert len(keys) == 120 and len(set(keys)) == 120
     manifest = json.loads(s3.cat(f"{bucket}/out/_manifest.json"))
     assert manifest["totals"] == {"shards": 4, "records": 120, "ok": 120, "errors": 0, "skipped": 0}
-    assert _visible_parts(s3, f"{bucket}/out") == {f["path"] for f in manifest["files"]}  # no stray copies
+    assert _visible_parts(s3, f"{bucket}/out") == {f["path"] for f in manifest["files"] + manifest["samples"]}  # no stray copies
 
 
 def test_a_shard_the_credentials_may_not_read_or_that_went_away_is_retried_next_night(s3, tmp_path):
