@@ -73,19 +73,21 @@ def patch_distances(grid: int, patch_size: int) -> torch.Tensor:
     return torch.cdist(centres, centres)  # (N, N)
 
 
-def attention_distance(maps: list[torch.Tensor], distances: torch.Tensor) -> torch.Tensor:
+def attention_distance(maps: list[torch.Tensor], distances: torch.Tensor, prefix: int = 1) -> torch.Tensor:
     """Per image, layer and head: the attention-weighted query-to-key distance, averaged over
-    query patches. maps: one (B, H, 1+N, 1+N) per layer -> (B, L, H) float64."""
+    query patches. maps: one (B, H, T, T) per layer, T = prefix + N (the class, distillation and
+    register tokens, which have no pixel position, come first and are left out) -> (B, L, H) float64."""
     per_layer = []
     for attn in maps:
-        patches = attn[:, :, 1:, 1:].double()  # (B, H, N, N): patch queries to patch keys
+        patches = attn[:, :, prefix:, prefix:].double()  # (B, H, N, N): patch queries to patch keys
         per_layer.append((patches * distances).sum(-1).mean(-1))  # (B, H)
     return torch.stack(per_layer, dim=1)  # (B, L, H)
 
 
-def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+def rollout(maps: list[torch.Tensor], prefix: int = 1, class_token: bool = True) -> torch.Tensor:
     """Attention rollout: per layer A = rownorm(mean over heads + I); R = A_L ... A_1. Returns
-    the class token's row over the patches, (B, N)."""
+    the class token's row over the patches, (B, N); a model without a class token (SigLIP) has
+    no such row, so the mean of every token's row stands for it."""
     B, _, T, _ = maps[0].shape
     eye = torch.eye(T, dtype=torch.float64)
     R = eye.expand(B, T, T)  # (B, T, T)
@@ -93,12 +95,13 @@ def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
         A = attn.double().mean(dim=1) + eye  # (B, T, T)
         A = A / A.sum(dim=-1, keepdim=True)
         R = A @ R
-    return R[:, 0, 1:]  # (B, N)
+    row = R[:, 0] if class_token else R.mean(dim=1)  # (B, T)
+    return row[:, prefix:]  # (B, N)
 
 
-def position_similarity(pos_embed: torch.Tensor) -> np.ndarray:
-    """(1, 1+N, D) learned position embeddings -> (N, N) cosine similarity between patch positions."""
-    p = torch.nn.functional.normalize(pos_embed[0, 1:].double(), dim=-1)  # (N, D)
+def position_similarity(pos_embed: torch.Tensor, prefix: int = 1) -> np.ndarray:
+    """(1, prefix + N, D) learned position embeddings -> (N, N) cosine similarity between patch positions."""
+    p = torch.nn.functional.normalize(pos_embed[0, prefix:].double(), dim=-1)  # (N, D)
     return (p @ p.T).numpy()
 
 
@@ -143,10 +146,13 @@ class Probe:
 
     @torch.inference_mode()
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor]]:
-        """(B, S, S, 3) uint8 -> (class token (B, D), mean of patches (B, D), maps [(B, H, T, T)] * L)."""
+        """(B, S, S, 3) uint8 -> (class token (B, D), mean of patches (B, D), maps [(B, H, T, T)] * L).
+
+        A model without a class token (SigLIP) gives its attention-pooling head's output instead."""
         x = self.net.normalize(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))  # (B, 3, S, S)
-        tokens, maps = self.vit.forward_features(x, return_attn=True)  # (B, 1+N, D), [(B, H, T, T)]
-        cls, mean = self.vit.pool(tokens, "cls"), self.vit.pool(tokens, "gap")  # (B, D) each
+        tokens, maps = self.vit.forward_features(x, return_attn=True)  # (B, T, D), [(B, H, T, T)]
+        first = "cls" if self.ckpt.config.class_token else "map"
+        cls, mean = self.vit.pool(tokens, first), self.vit.pool(tokens, "gap")  # (B, D) each
         return cls.float().cpu().numpy(), mean.float().cpu().numpy(), maps
 
 
@@ -160,7 +166,7 @@ def analyze_part(records: pa.Table, probe: Probe, pre: Preprocess, call_size: in
     cls_out, mean_out = [], []
     for start in range(0, len(ok), call_size):
         cls, mean, maps = probe.run(pixels[ok[start:start + call_size]])
-        sums += attention_distance(maps, probe.distances).sum(0).cpu().numpy()  # (L, H)
+        sums += attention_distance(maps, probe.distances, cfg.prefix_tokens).sum(0).cpu().numpy()  # (L, H)
         cls_out.append(cls)
         mean_out.append(mean)
     D = cfg.dim
@@ -249,9 +255,10 @@ def analyze_job(spec: JobSpec) -> dict:
     probe = Probe(ckpt)
     tables = {
         "attention_distance": distance_table(sums, counts["ok"]),
-        "position_similarity": similarity_table(position_similarity(probe.vit.pos_embed.detach()), cfg.grid),
+        "position_similarity": similarity_table(position_similarity(probe.vit.pos_embed.detach(), cfg.pos_tokens),
+                                                cfg.grid),
         "rollout": rollout_table(probe, first_images(spec.source, shards, ckpt.preprocess, spec.analyze.samples)),
-        "knn": knn_table(fs, root, [f for f in files if f["kind"] == "ok"], spec),
+        "knn": knn_table(fs, root, [f for f in files if f["kind"] == "ok"], spec, cfg),
     }
     for name, t in tables.items():
         with fs.open(f"{root}/{name}.parquet", "wb") as f:
@@ -259,7 +266,8 @@ def analyze_job(spec: JobSpec) -> dict:
     manifest = {
         "format": FORMAT, "run_id": run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "job": spec.model_dump(mode="json"),
-        "model": {"id": ckpt.model_id, "source": ckpt.source, "config": cfg.to_dict()},
+        "model": {"id": ckpt.model_id, "source": ckpt.source, "family": cfg.family, "config": cfg.to_dict()},
+        "tokens": tokens_note(cfg),
         "counts": counts, "shards": len(shards), "wall_s": round(time.time() - t0, 3),
         "attention_distance": tables["attention_distance"].to_pylist(),
         # a head attending to every patch alike: the reference line of the figure and the summary
@@ -317,7 +325,9 @@ def rollout_table(probe: Probe, samples: list[tuple[dict, np.ndarray]]) -> pa.Ta
     from PIL import Image
 
     grid = probe.ckpt.config.grid
-    maps = rollout(probe.run(np.stack([px for _, px in samples]))[2]).cpu().numpy() if samples else []
+    cfg = probe.ckpt.config
+    maps = (rollout(probe.run(np.stack([px for _, px in samples]))[2], cfg.prefix_tokens, cfg.class_token).cpu().numpy()
+            if samples else [])
     pngs = []
     for _, pixels in samples:
         buf = io.BytesIO()
@@ -337,7 +347,24 @@ KNN_SCHEMA = pa.schema([("embedding", pa.string()), ("k", pa.int32()), ("accurac
                         ("train_images", pa.int64()), ("test_images", pa.int64()), ("note", pa.string())])
 
 
-def knn_table(fs: fsspec.AbstractFileSystem, root: str, files: list[dict], spec: JobSpec) -> pa.Table:
+def tokens_note(cfg) -> dict:
+    """Which tokens come before the patches, left out of the distances and the patch mean, and
+    what the rollout and the first embedding are for a model without a class token."""
+    prefix = (["class"] if cfg.class_token else []) + (["distillation"] if cfg.distill_token else []) + \
+        [f"register {i}" for i in range(cfg.registers)]
+    note = {"prefix": prefix, "excluded_from_distances": prefix, "first_embedding": first_embedding(cfg)}
+    if not cfg.class_token:
+        note["rollout"] = "no class token: the mean of every token's rollout row, over the patches"
+    return note
+
+
+def first_embedding(cfg) -> str:
+    """The knn table's first row: the class token, or the MAP head's output where there is none."""
+    return "class token" if cfg is None or cfg.class_token else "attention-pooling head (no class token)"
+
+
+def knn_table(fs: fsspec.AbstractFileSystem, root: str, files: list[dict], spec: JobSpec,
+              spec_cfg=None) -> pa.Table:
     """Class token vs mean of patches, by kNN accuracy on the labeled images (none: no rows)."""
     a = spec.analyze
     paths = [f"{root}/{f['path']}" for f in files]
@@ -365,7 +392,7 @@ def knn_table(fs: fsspec.AbstractFileSystem, root: str, files: list[dict], spec:
         acc = knn_accuracy(x[~test], y[~test], x[test], y[test], a.knn_k)
         rows.append({"embedding": name, "k": a.knn_k, "accuracy": round(acc, 4), "train_images": int((~test).sum()),
                      "test_images": int(test.sum()),
-                     "note": "class token" if name == "cls" else "mean of patch tokens"})
+                     "note": first_embedding(spec_cfg) if name == "cls" else "mean of patch tokens"})
     return pa.Table.from_pylist(rows, schema=KNN_SCHEMA)
 
 

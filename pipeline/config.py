@@ -68,10 +68,19 @@ class SourceSpec(Spec):
 class ModelSpec(Spec):
     checkpoint: str | None = Field(
         "builtin:digits",
-        description="A vitpipe or timm .safetensors, a timm .pth/.bin, a JAX .npz, a Hugging Face ViT directory, "
+        description="A checkpoint of the paper's ViT, DeiT, CLIP, SigLIP or DINOv2: a Hugging Face directory "
+                    "(ViTModel, DeiT, CLIPModel, CLIPVisionModelWithProjection, SiglipModel, SiglipVisionModel, "
+                    "Dinov2Model, Dinov2WithRegistersModel), an open_clip directory, an OpenAI CLIP, timm or "
+                    "DINOv2 .pth/.bin/.safetensors, a JAX or big_vision .npz, a vitpipe .safetensors, "
                     "hf://ORG/NAME[@REV][/FILE], or builtin:digits; null for random weights of `arch`.")
-    arch: str | None = Field(None, description="vit_{ti,s,b,l,h}_{8,14,16,32}; needed only when checkpoint is null.")
-    pooling: Literal["cls", "gap"] | None = Field(None, description="Embedding pooling; default: the checkpoint's.")
+    arch: str | None = Field(None, description="Random weights (checkpoint null): vit_{ti,s,b,l,h}_{8,14,16,32}, or a "
+                                               "family's real sizes: clip_b_32, clip_b_16, clip_l_14, siglip_b_16, "
+                                               "siglip_so400m_14, dinov2_{s,b,l,g}_14, dinov2_l_14_reg, "
+                                               "deit_{s,b}_16_distilled.")
+    pooling: Literal["cls", "gap", "cls+gap", "map"] | None = Field(
+        None, description="The embedding: cls (the class token), gap (the mean of the patch tokens), cls+gap (both "
+                          "concatenated: DINOv2's linear-probe convention), map (SigLIP's attention-pooling head); "
+                          "default: the checkpoint's. A head keeps what it was trained on.")
     image_size: int | None = Field(None, ge=16, description="Input size; position embeddings are interpolated if it differs.")
     num_classes: int | None = Field(None, ge=0, description="Random weights only: head size.")
     heads: int | None = Field(None, ge=1, description="timm files only: attention heads (not stored in the "
@@ -84,10 +93,10 @@ class ModelSpec(Spec):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str | None) -> str | None:
-        from pipeline.model.vit import ARCH_NAMES
+        from pipeline.model.vit import ALL_ARCH_NAMES
 
-        if v is not None and v not in ARCH_NAMES:
-            raise ValueError(f"unknown arch {v!r}; allowed: {', '.join(ARCH_NAMES)}")
+        if v is not None and v not in ALL_ARCH_NAMES:
+            raise ValueError(f"unknown arch {v!r}; allowed: {', '.join(ALL_ARCH_NAMES)}")
         return v
 
     @model_validator(mode="after")
@@ -151,6 +160,14 @@ class OutputsSpec(Spec):
     top_k: int = Field(5, ge=0, description="How many classes to keep per image (0: none).")
     embeddings: bool = Field(True, description="Write the pooled embedding per image.")
     embedding_dtype: Literal["float32", "float16"] = Field("float32", description="Storage type of `embedding`.")
+    normalize: Literal["auto"] | bool = Field(
+        "auto", description="L2-normalize each embedding (unit length, so a dot product is the cosine). auto: true "
+                            "for the contrastive towers (CLIP, SigLIP), whose embeddings are compared by cosine, "
+                            "false for the others (ViT, DeiT, DINOv2). The manifest records the choice.")
+
+    def normalizes(self, family: str) -> bool:
+        """outputs.normalize for a model of this family (vit.ViTConfig.family)."""
+        return family in ("clip", "siglip") if self.normalize == "auto" else bool(self.normalize)
 
 
 class OutputSpec(Spec):

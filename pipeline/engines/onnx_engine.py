@@ -75,7 +75,7 @@ class OnnxEngine:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(model_bytes or onnx_bytes(ckpt, precision), opts, providers=providers)
-        self.embed_dim = ckpt.config.dim
+        self.embed_dim = ckpt.config.embed_dim
         self.num_classes = ckpt.config.num_classes
         dev = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
         self.info = EngineInfo("onnx", dev, precision, threads, ort.__version__)

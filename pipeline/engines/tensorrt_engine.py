@@ -80,7 +80,7 @@ class TensorRTEngine:
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         self.max_batch = max_batch
-        self.embed_dim = ckpt.config.dim
+        self.embed_dim = ckpt.config.embed_dim
         self.num_classes = ckpt.config.num_classes
         self.info = EngineInfo("tensorrt", "cuda", precision, 1, trt.__version__)
 

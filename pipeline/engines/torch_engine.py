@@ -56,7 +56,7 @@ class TorchEngine:
         self.model = UInt8ViT(ckpt, DTYPES[precision]).to(self.device).eval()
         if compile:
             self.model = torch.compile(self.model, dynamic=True)
-        self.embed_dim = ckpt.config.dim
+        self.embed_dim = ckpt.config.embed_dim
         self.num_classes = ckpt.config.num_classes
         self.info = EngineInfo("torch", str(self.device), precision, torch.get_num_threads(), torch.__version__)
 

@@ -149,10 +149,9 @@ def _vit_or_deit(hf: dict, weights: dict, pp: dict | None, source: str) -> Check
 def _clip_or_siglip(hf: dict, weights: dict, pp: dict | None, source: str) -> Checkpoint:
     siglip = hf["model_type"].startswith("siglip")
     vision = hf.get("vision_config", hf)  # CLIPModel / SiglipModel nest it; a vision tower is it
+    # transformers 5.x may save a standalone vision tower without the `vision_model.` prefix
     tower = {k.removeprefix("vision_model."): v for k, v in weights.items()
-             if k.startswith("vision_model.") or k == "visual_projection.weight"}
-    if not tower:  # transformers 5.x saves a standalone vision tower without the prefix
-        tower = {k: v for k, v in weights.items() if not k.startswith(("text_model.", "logit_"))}
+             if not k.startswith(("text_model.", "text_projection.", "logit_"))}
     sd = rename_keys(tower, _TOWER_RULES)
     if "cls_token" in sd:
         sd["cls_token"] = sd["cls_token"].reshape(1, 1, -1)
