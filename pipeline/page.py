@@ -352,7 +352,8 @@ def _gate(g: dict | None) -> str:
 def throughput_series(timeline: list[list[float]], end: float | None = None) -> dict:
     """What the throughput chart draws, from the report's [s from start, records so far] steps:
     the images-done line, carried on to the total at the run's end, and the rate as images
-    finished per window of `window` seconds (at least 1 s and a twentieth of the span with rows).
+    finished per window of `window` seconds (at least 1 s, a twentieth of the span with rows, and
+    the time three parts take on average).
 
     Parts finish in bursts (Ray Data hands the driver several at once): a rate between two parts
     that arrived 7 ms apart read 12,857 images/s in a 359-image demo whose whole run did 29, so the
@@ -366,7 +367,8 @@ def throughput_series(timeline: list[list[float]], end: float | None = None) -> 
     if stop > ts[-1]:
         ts, ns = ts + [stop], ns + [ns[-1]]  # the line goes on at the total to the run's end
     first = float(timeline[0][0])
-    window = max(1.0, (ts[-1] - first) / 20)
+    span = ts[-1] - first
+    window = max(1.0, span / 20, 3 * span / len(timeline))  # ~3 parts a window at least: no empty windows between parts
     edges = list(np.arange(0.0, ts[-1], window)) + [ts[-1]]
     if len(edges) > 2 and edges[-1] - edges[-2] < window / 2:
         del edges[-2]
