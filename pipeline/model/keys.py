@@ -77,6 +77,11 @@ def read_weights(data: bytes, name: str, source: str) -> dict[str, torch.Tensor]
     try:
         sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code in it, a truncated file
+        if "TorchScript" in str(e):  # OpenAI's CLIP .pt files are TorchScript archives, code and all
+            raise CheckpointError(f"{source}: {name} is a TorchScript archive (as OpenAI's CLIP .pt files are), "
+                                  "which is not read (it would run its code); re-save its state dict once where "
+                                  "you trust it: torch.save(torch.jit.load(path, map_location='cpu').state_dict(), "
+                                  "'ViT-B-32.pth'), or as .safetensors") from None
         raise CheckpointError(f"{source}: {name} could not be read as torch weights with weights_only=True "
                               f"({type(e).__name__}: {e}); save it as .safetensors") from None
     return unwrap(sd)
