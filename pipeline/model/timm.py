@@ -119,6 +119,12 @@ def from_timm_file(sd: dict[str, torch.Tensor], source: str, arch: str | None, h
         ckpt.config = _with(ckpt.config, act="gelu_tanh")
         ckpt.preprocess = Preprocess(image_size=ckpt.config.image_size, mean=(0.5,) * 3, std=(0.5,) * 3,
                                      resize="squash", interpolation="bilinear")
+    elif family == "clip":  # timm's *_clip_* ViTs: LayerNorm eps 1e-5 (not timm's 1e-6), OpenAI's mean/std
+        from pipeline.model.openclip import OPENAI_MEAN, OPENAI_STD
+
+        ckpt.config = _with(ckpt.config, layer_norm_eps=1e-5)
+        ckpt.preprocess = Preprocess(image_size=ckpt.config.image_size, mean=OPENAI_MEAN, std=OPENAI_STD,
+                                     resize="crop", crop_pct=1.0)
     elif family == "deit":
         ckpt.preprocess = Preprocess(image_size=ckpt.config.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                      resize="crop", crop_pct=0.875)
@@ -138,6 +144,8 @@ def from_timm_hub_dir(fs: Any, path: str, source: str, cfg: dict, heads: int | N
     if not arch.startswith(("vit_", "deit_")):
         raise CheckpointError(f"{source}: timm architecture {arch!r} is not a ViT (vit_* or deit_*)")
     ckpt = from_timm_file(weights, source, None, heads or (16 if "huge" in arch or "so400m" in arch else None))
+    if "quickgelu" in arch:  # e.g. vit_base_patch16_clip_quickgelu_224 (OpenAI's weights)
+        ckpt.config = _with(ckpt.config, act="quick_gelu")
     pc = cfg["pretrained_cfg"]
     size = int(pc.get("input_size", [3, ckpt.config.image_size])[-1])
     ckpt.preprocess = Preprocess(image_size=size, mean=tuple(pc.get("mean", IMAGENET_MEAN)),
