@@ -260,6 +260,27 @@ def test_open_clip_timm_trunk_clip_with_a_linear_projection(tmp_path):
     agree("open_clip dir timm trunk x CLIP x 32px", embed(path, x)[0], clip_reference(model, x))
 
 
+def test_timm_clip_image_tower_with_its_projection_as_a_zero_bias_head(tmp_path):
+    """timm's vit_*_clip_* (num_classes=512): _convert_openai_clip puts OpenAI's proj in head.weight
+    with a zero head.bias; the embedding is that projection, not a classifier's logits."""
+    model, hf = clip(tmp_path, "gelu")
+    v = "vision_model."
+    sd = {"patch_embed.proj.weight": hf[f"{v}embeddings.patch_embedding.weight"],
+          "cls_token": hf[f"{v}embeddings.class_embedding"].reshape(1, 1, D),
+          "pos_embed": hf[f"{v}embeddings.position_embedding.weight"][None],
+          "norm_pre.weight": hf[f"{v}pre_layrnorm.weight"], "norm_pre.bias": hf[f"{v}pre_layrnorm.bias"],
+          "norm.weight": hf[f"{v}post_layernorm.weight"], "norm.bias": hf[f"{v}post_layernorm.bias"],
+          "head.weight": hf["visual_projection.weight"], "head.bias": torch.zeros(24)}
+    save_file(sd | timm_blocks(hf, v, ""), str(tmp_path / "vit_base_patch16_clip_224.safetensors"))
+    path = str(tmp_path / "vit_base_patch16_clip_224.safetensors")
+    ckpt = load_checkpoint(path)
+    c = ckpt.config
+    assert (c.family, c.proj_dim, c.num_classes, c.layer_norm_eps, ckpt.labels) == ("clip", 24, 0, 1e-5, [])
+    assert ckpt.preprocess.mean[0] == pytest.approx(0.48145466)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    agree("timm .safetensors x CLIP x 32px", embed(path, x)[0], clip_reference(model, x))
+
+
 # --- SigLIP: timm's names (vit_*_siglip_*: attn_pool), open_clip's timm trunk, big_vision's .npz --
 
 

@@ -123,6 +123,15 @@ def from_timm_file(sd: dict[str, torch.Tensor], source: str, arch: str | None, h
         from pipeline.model.openclip import OPENAI_MEAN, OPENAI_STD
 
         ckpt.config = _with(ckpt.config, layer_norm_eps=1e-5)
+        head_b = ckpt.state_dict.get("head.bias")
+        if "proj.weight" not in ckpt.state_dict and head_b is not None and not head_b.any():
+            # timm's CLIP image towers (vit_*_clip_*.openai / .laion2b, num_classes=512...) carry the
+            # projection as a head with a zero bias (timm's _convert_openai_clip): it is the embedding.
+            sd = ckpt.state_dict
+            sd["proj.weight"] = sd.pop("head.weight")
+            sd.pop("head.bias")
+            ckpt.config = _with(ckpt.config, num_classes=0, proj_dim=sd["proj.weight"].shape[0])
+            ckpt.labels = []
         ckpt.preprocess = Preprocess(image_size=ckpt.config.image_size, mean=OPENAI_MEAN, std=OPENAI_STD,
                                      resize="crop", crop_pct=1.0)
     elif family == "deit":
