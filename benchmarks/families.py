@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             model.to(dtype)
 
             @torch.inference_mode()
-            def theirs(images: np.ndarray, dtype=dtype) -> np.ndarray:
+            def theirs(images: np.ndarray, dtype=dtype, mean=mean, std=std, embed=embed) -> np.ndarray:
                 px = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std  # (B, 3, S, S)
                 return embed(px.to(dtype)).float().numpy()
 

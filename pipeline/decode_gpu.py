@@ -98,7 +98,8 @@ def resize_and_crop(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     S = pre.image_size
     y = x[None].float()  # (1, 3, H, W)
     if (th, tw) != (h, w):
-        y = F.interpolate(y, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
+        mode = "bilinear" if pre.interpolation == "bilinear" else "bicubic"  # as the CPU path (SigLIP: bilinear)
+        y = F.interpolate(y, size=(th, tw), mode=mode, antialias=True, align_corners=False)
     top, left = (th - S) // 2, (tw - S) // 2
     y = y[0, :, top : top + S, left : left + S]  # (3, S, S)
     return y.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)  # (S, S, 3)
