@@ -22,7 +22,8 @@ def _write(tmp_path, data) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name", ["label.yaml", "embed.yaml", "label-gpu.yaml"])
+@pytest.mark.parametrize("name", ["label.yaml", "embed.yaml", "label-gpu.yaml", "clip-embed.yaml",
+                                  "dinov2-dedup.yaml"])
 def test_example_specs_are_valid(name):
     spec = load_job_spec(ROOT / "jobs" / name)
     assert spec.source.uri and spec.output.uri
@@ -92,3 +93,23 @@ def test_cli_rejects_bad_spec_before_starting_ray(tmp_path):
     assert "engine.precision" in r.stderr and "int4" in r.stderr
     assert "Traceback" not in r.stderr
     assert time.time() - t < 60
+
+
+def test_outputs_normalize_is_auto_true_or_false_and_auto_follows_the_family(tmp_path):
+    spec = load_job_spec(_write(tmp_path, GOOD))
+    assert spec.outputs.normalize == "auto"
+    assert [spec.outputs.normalizes(f) for f in ("clip", "siglip", "dinov2", "vit", "deit")] == [True, True, False,
+                                                                                                False, False]
+    off = load_job_spec(_write(tmp_path, GOOD), ["outputs.normalize=false"])
+    assert off.outputs.normalize is False and not off.outputs.normalizes("clip")
+    assert load_job_spec(_write(tmp_path, GOOD), ["outputs.normalize=true"]).outputs.normalizes("dinov2")
+    with pytest.raises(JobSpecError, match="outputs.normalize"):
+        load_job_spec(_write(tmp_path, GOOD), ["outputs.normalize=sometimes"])
+
+
+def test_family_archs_and_poolings_are_accepted_and_a_typo_is_named(tmp_path):
+    spec = load_job_spec(_write(tmp_path, GOOD), ["model.checkpoint=null", "model.arch=dinov2_l_14_reg",
+                                                  "model.pooling=cls+gap"])
+    assert spec.model.arch == "dinov2_l_14_reg" and spec.model.pooling == "cls+gap"
+    with pytest.raises(JobSpecError, match="unknown arch 'clip_b_17'.*clip_b_16"):
+        load_job_spec(_write(tmp_path, GOOD), ["model.checkpoint=null", "model.arch=clip_b_17"])

@@ -24,6 +24,8 @@ _TIMM_RULES: Rules = [
     (r"^blocks\.(\d+)\.mlp\.w3\.", r"blocks.\1.mlp.fc2."),
 ]
 _TIMM_DROP = (r"^mask_token$",)
+# Widths whose head count is not width / 64: ViT-H (16 heads of 80) and SigLIP So400m (16 of 72).
+HEADS_BY_WIDTH = {1280: 16, 1152: 16}
 
 
 def convert_timm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,7 +67,7 @@ def from_state_dict(sd: dict[str, torch.Tensor], source: str, arch: str | None, 
     fc1, fc2 = sd["blocks.0.mlp.fc1.weight"], sd["blocks.0.mlp.fc2.weight"]
     swiglu = fc1.shape[0] == 2 * fc2.shape[1]
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
-    heads = heads or (config_for_arch(arch).heads if arch else max(1, dim // 64))
+    heads = heads or (config_for_arch(arch).heads if arch else HEADS_BY_WIDTH.get(dim, max(1, dim // 64)))
     if "attn_pool.latent" in sd:
         pooling = "map"
     elif "fc_norm.weight" in sd or not class_token:
