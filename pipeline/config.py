@@ -183,6 +183,10 @@ class OutputSpec(Spec):
                                        "and part files it moves at commit, at once (each request waits tens of ms "
                                        "there); 1 does one at a time. Local disk does one at a time whatever this "
                                        "says.")
+    samples: bool = Field(
+        True, description="Keep the run page's sample (OUT/_samples/: at most 36 thumbnails of 96 px and 32 "
+                          "embeddings per part, made by the model actors; pipeline/samples.py). false: no image "
+                          "leaves the job as a thumbnail, and the page shows counts, errors and throughput only.")
 
 
 class ResourcesSpec(Spec):

@@ -161,7 +161,9 @@ def _sample_sections(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -
     confusion matrix (where labels exist) and the embedding map (where embeddings are written)."""
     files = [f for f in manifest.get("samples", []) if f.get("this_run")]
     if not files:
-        why = ("this run wrote no new rows" if manifest.get("samples") is not None
+        kept = ((manifest.get("job") or {}).get("output") or {}).get("samples", True)
+        why = ("the job asked for none (output.samples: false)" if not kept
+               else "this run wrote no new rows" if manifest.get("samples") is not None
                else "this output was written before runs kept a sample (rerun it to get one)")
         return ["<h2>Images and their labels</h2>", f"<p>No sample to show: {_e(why)}.</p>"]
     sample = samples.read_run_sample(fs, root, files)

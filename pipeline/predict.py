@@ -179,6 +179,7 @@ class Predictor:
         self.check = None if gate_images is None else check_built(spec, self.ckpt, built, gate_images, threads)
         self.engine, self.call_size = built.engine, call_size
         self.outputs = spec.outputs.model_copy(update={"normalize": spec.outputs.normalizes(self.ckpt.config.family)})
+        self.sample = spec.output.samples  # the page's sample of each part (samples.py)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
         self.schema = output_schema(self.engine.embed_dim, self.outputs)
         self.gpu_decoder = self._gpu_decoder(decode)
@@ -212,7 +213,7 @@ class Predictor:
     def _process(self, part: Part, check: dict | None) -> pa.Table:
         tables, counts = predict_part(part.records, self.engine, self.ckpt.preprocess, self.ckpt.labels,
                                       self.outputs, self.call_size, self.pool, self.gpu_decoder, self.schema,
-                                      sample=True)
+                                      sample=self.sample)
         files = self.writer.write(part.shard.uri, part.index, tables)
         return result_row(part, files, counts, check, self.node, self.ready_at)
 

@@ -179,6 +179,23 @@ def test_samples_stay_bounded_and_hold_the_pages_picks(tmp_path, n_images):
     print(f"\n{n_images} images, {parts} parts: _samples/ {sample_bytes / 1e6:.2f} MB, page {len(page) / 1e6:.2f} MB")
 
 
+def test_a_model_without_a_head_or_embeddings_still_gets_thumbnails():
+    ok_rows, pixels, emb = next(synthetic_parts(300))
+    headless = ok_rows.select(["key", "source_uri", "source_etag", "member", "label"])
+    t = part_sample(headless, pixels, emb)
+    assert set(t.column("picks").to_pylist()) <= {"any", "point", "any,point"}
+    assert sum(b is not None for b in t.column("thumb").to_pylist()) == samples.UNSURE
+    assert t.column("top1_id").null_count == t.num_rows
+    assert sum(e is not None for e in t.column("embedding").to_pylist()) == samples.POINTS
+    bare = part_sample(ok_rows, pixels, None)  # no embeddings written: no map points
+    assert bare.column("embedding").null_count == bare.num_rows
+    assert "point" not in ",".join(bare.column("picks").to_pylist())
+    rs = samples.RunSample()
+    rs.add("a.parquet", t)
+    assert [r["key"] for r in samples.choose(rs)["any"]] == sorted(
+        k for k, b in zip(t.column("key").to_pylist(), t.column("thumb").to_pylist(), strict=True) if b)
+
+
 # --- a real run: the page in Chromium ----------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -302,3 +319,10 @@ def test_an_incremental_runs_page_shows_its_own_rows_and_samples_are_replaced_wi
     listed = {p.relative_to(out).as_posix() for p in (out / "_samples").iterdir()}
     assert listed == {f["path"] for f in manifest["samples"]} and len(listed) == 4
     assert not listed & {f["path"] for f in first}
+
+    spec = _job(tmp_path / "shards", out, ray_cluster.address, mode="full")
+    run_job(spec.model_copy(update={"output": spec.output.model_copy(update={"samples": False})}))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["samples"] == [] and not list((out / "_samples").glob("*.parquet"))  # no thumbnail kept
+    page = (out / "report.html").read_text()
+    assert "output.samples: false" in page and '<img class="thumb"' not in page
