@@ -9,7 +9,9 @@ compared in fp32 at the native size and at one interpolated size.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -279,3 +281,74 @@ def test_random_family_archs_have_the_real_sizes():
     assert (g.dim, g.depth, g.heads, g.ffn) == (1536, 40, 24, "swiglu")
     t = config_for_arch("deit_b_16_distilled")
     assert (t.dim, t.distill_token, t.num_classes, t.pos_tokens) == (768, True, 1000, 2)
+
+
+# --- analyze: the tokens before the patches are left out and named ---------------------------------
+
+
+def _distances_by_loops(attentions, prefix: int, grid: int, patch: int) -> np.ndarray:
+    """The paper's mean attention distance written out, over patch queries and patch keys only."""
+    n = grid * grid
+    dist = np.array([[patch * np.hypot(i // grid - j // grid, i % grid - j % grid) for j in range(n)]
+                     for i in range(n)])
+    out = []
+    for a in attentions:  # (B, H, T, T) per layer
+        a = a.double().numpy()[:, :, prefix:, prefix:]
+        out.append(np.mean([[np.mean([a[b, h, q] @ dist[q] for q in range(n)]) for h in range(a.shape[1])]
+                            for b in range(a.shape[0])], axis=0))
+    return np.array(out)  # (L, H)
+
+
+def test_analyze_a_dinov2_with_registers_leaves_class_and_register_tokens_out(tmp_path):
+    from pipeline.analyze import Probe, analyze_part, rollout, tokens_note
+    from pipeline.config import JobSpec
+    from pipeline.decode import decode_image
+    from pipeline.sources import Shard, read_parts
+
+    from helpers import image_bytes, tar_bytes
+
+    hf = _dinov2(registers=2, image_size=32)
+    with torch.no_grad():  # sharper attention: heads that differ
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    path = _save(hf, tmp_path / "dino")
+    ckpt = load_checkpoint(path, image_size=32)  # trained at 32 too: transformers does not resize
+    ckpt.preprocess = replace(ckpt.preprocess, resize="squash")
+    members = [(f"img{i}.jpg", image_bytes(40 + 7 * i, 36 + 5 * i, seed=i)) for i in range(4)]
+    (tmp_path / "s.tar").write_bytes(tar_bytes(members))
+    spec = JobSpec.model_validate({"source": {"uri": str(tmp_path)}, "output": {"uri": str(tmp_path / "out")}})
+    (part,) = list(read_parts(Shard(str(tmp_path / "s.tar"), "e", 0), spec.source))
+    probe = Probe(ckpt)
+    tables, sums, counts = analyze_part(part.records, probe, ckpt.preprocess, call_size=4)
+    pixels = np.stack([decode_image(data, ckpt.preprocess) for _, data in members])
+    mean, std = np.array(ckpt.preprocess.mean), np.array(ckpt.preprocess.std)
+    x = torch.from_numpy(((pixels / 255.0 - mean) / std).transpose(0, 3, 1, 2)).float()
+    eager = transformers.Dinov2WithRegistersModel.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = eager(pixel_values=x, output_attentions=True)
+    expected = _distances_by_loops(out.attentions, prefix=3, grid=4, patch=8)  # class + 2 registers left out
+    np.testing.assert_allclose(sums / counts["ok"], expected, rtol=1e-4, atol=1e-4)
+    emb = {c: np.stack(tables["ok"].column(c).to_numpy(zero_copy_only=False)) for c in ("cls", "mean")}
+    np.testing.assert_allclose(emb["cls"], out.pooler_output.numpy(), atol=1e-4)
+    np.testing.assert_allclose(emb["mean"], out.last_hidden_state[:, 3:].mean(1).numpy(), atol=1e-4)
+    assert rollout(probe.run(pixels)[2], 3).shape == (4, 16)
+    note = tokens_note(ckpt.config)
+    assert note["prefix"] == ["class", "register 0", "register 1"] and note["first_embedding"] == "class token"
+
+
+def test_analyze_a_siglip_says_what_stands_for_the_class_token(tmp_path):
+    from pipeline.analyze import Probe, rollout, tokens_note
+
+    hf = randomized(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)))
+    ckpt = load_checkpoint(_save(hf, tmp_path / "siglip"))
+    images = np.random.default_rng(0).integers(0, 255, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    first, patch_mean, maps = Probe(ckpt).run(images)
+    x = torch.from_numpy((images / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        out = hf(pixel_values=x)
+    np.testing.assert_allclose(first, out.pooler_output.numpy(), atol=1e-4)  # the MAP head's output
+    np.testing.assert_allclose(patch_mean, out.last_hidden_state.mean(1).numpy(), atol=1e-4)
+    r = rollout(maps, 0, class_token=False)  # (B, N): the mean of every token's row
+    assert r.shape == (3, 16) and torch.allclose(r.sum(-1), torch.ones(3, dtype=r.dtype))
+    note = tokens_note(ckpt.config)
+    assert note["prefix"] == [] and "no class token" in note["rollout"] and "attention-pooling" in note["first_embedding"]
