@@ -52,21 +52,27 @@ def _randomized(model):
     return model.eval()
 
 
+def _processor(name: str):
+    """The PIL image processor: `...Pil` in transformers 5 (whose default needs torchvision), the
+    plain class before it."""
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
 def _family(name: str, path) -> tuple:
     """(the transformers model, its PIL image processor, a function pixel_values -> embedding)."""
     if name == "clip":
         cfg = transformers.CLIPVisionConfig(**VISION, image_size=64, projection_dim=32)
         model = _randomized(transformers.CLIPVisionModelWithProjection(cfg))
-        proc = transformers.CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+        proc = _processor("CLIPImageProcessor")(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
         embed = lambda x: model(pixel_values=x).image_embeds  # noqa: E731
     elif name == "siglip":
         model = _randomized(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION, image_size=64)))
-        proc = transformers.SiglipImageProcessorPil(size={"height": 64, "width": 64})
+        proc = _processor("SiglipImageProcessor")(size={"height": 64, "width": 64})
         embed = lambda x: model(pixel_values=x).pooler_output  # noqa: E731
     else:  # DINOv2 with registers, trained at 96 px and run at the processor's 64 px crop
         cfg = transformers.Dinov2WithRegistersConfig(**VISION, image_size=96, num_register_tokens=2)
         model = _randomized(transformers.Dinov2WithRegistersModel(cfg))
-        proc = transformers.BitImageProcessorPil(size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64},
+        proc = _processor("BitImageProcessor")(size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64},
                                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
         embed = lambda x: model(pixel_values=x).pooler_output  # noqa: E731
     model.save_pretrained(path)
