@@ -16,9 +16,10 @@ import os
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+
+from benchmarks.tables import write_table
 
 CONFIGS = [("torch", "fp32"), ("torch", "bf16"), ("onnx", "fp32"), ("onnx", "int8")]
 
@@ -68,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['backend']} | {r['precision']} | {r['images_per_s']} | {r['cosine_mean']} | "
               f"{r['cosine_min']} | {r['top1_agreement']} | {r['gate']} |" for r in rows]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(rows, indent=2))
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, args.name, rows, lines)
     return 0
 
 

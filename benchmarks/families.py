@@ -18,10 +18,11 @@ import os
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.tables import write_table
 
 
 def hf_model(arch: str):
@@ -124,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['model']} | {r['family']} | {r['precision']} | {r['vitpipe_images_per_s']} | "
               f"{r['transformers_images_per_s']} | {r['ratio']} | {r['max_abs_diff_scaled']:.2e} | {r['cosine']} |"
               for r in rows]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(rows, indent=2))
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, args.name, rows, lines)
     return 0
 
 

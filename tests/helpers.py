@@ -97,3 +97,16 @@ def bad_input_members() -> tuple[list, dict[str, str], set[str]]:
     }
     ok = {"good1", "good2", "cmyk", "gray16", "rgba", "paletted", "rotated", "dup", "other"}
     return members, errors, ok
+
+
+def randomized(model, scale: float = 0.02, seed: int = 0):
+    """A torch model with every parameter moved off its init (LayerNorm weights off 1, biases,
+    tokens and LayerScale off their constants), in eval mode: a wrong key mapping cannot pass
+    on zeros or ones."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()

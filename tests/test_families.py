@@ -17,6 +17,8 @@ import torch
 
 from pipeline.model.checkpoints import CheckpointError, load_checkpoint
 
+import helpers
+
 transformers = pytest.importorskip("transformers")
 
 D, LAYERS, HEADS, MLP, P, SIZE = 48, 2, 4, 96, 8, 32
@@ -27,12 +29,7 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
 
 
 def randomized(model):
-    """Every parameter moved off its init (LayerNorm weights off 1, biases off 0)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return helpers.randomized(model, 0.05)
 
 
 def _save(model, path) -> str:

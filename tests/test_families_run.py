@@ -21,6 +21,8 @@ from pipeline.config import JobSpec
 from pipeline.demo import write_shards
 from pipeline.runner import run_job
 
+from helpers import randomized
+
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.heavy
 
@@ -44,14 +46,6 @@ def photos(n: int = 24, seed: int = 0) -> list[tuple[bytes, int]]:
     return out
 
 
-def _randomized(model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 def _processor(name: str):
     """The PIL image processor: `...Pil` in transformers 5 (whose default needs torchvision), the
     plain class before it."""
@@ -62,16 +56,16 @@ def _family(name: str, path) -> tuple:
     """(the transformers model, its PIL image processor, a function pixel_values -> embedding)."""
     if name == "clip":
         cfg = transformers.CLIPVisionConfig(**VISION, image_size=64, projection_dim=32)
-        model = _randomized(transformers.CLIPVisionModelWithProjection(cfg))
+        model = randomized(transformers.CLIPVisionModelWithProjection(cfg))
         proc = _processor("CLIPImageProcessor")(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
         embed = lambda x: model(pixel_values=x).image_embeds  # noqa: E731
     elif name == "siglip":
-        model = _randomized(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION, image_size=64)))
+        model = randomized(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION, image_size=64)))
         proc = _processor("SiglipImageProcessor")(size={"height": 64, "width": 64})
         embed = lambda x: model(pixel_values=x).pooler_output  # noqa: E731
     else:  # DINOv2 with registers, trained at 96 px and run at the processor's 64 px crop
         cfg = transformers.Dinov2WithRegistersConfig(**VISION, image_size=96, num_register_tokens=2)
-        model = _randomized(transformers.Dinov2WithRegistersModel(cfg))
+        model = randomized(transformers.Dinov2WithRegistersModel(cfg))
         proc = _processor("BitImageProcessor")(size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64},
                                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
         embed = lambda x: model(pixel_values=x).pooler_output  # noqa: E731

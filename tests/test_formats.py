@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.model.checkpoints import CheckpointError, load_checkpoint
 
+from helpers import randomized
+
 transformers = pytest.importorskip("transformers")
 
 # Head width 64, as in every real ViT of these families (the readers without a config infer
@@ -35,15 +37,6 @@ VISION = dict(hidden_size=D, intermediate_size=MLP, num_hidden_layers=LAYERS, nu
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
             max_position_embeddings=16)
 TOL = 1e-5
-
-
-def randomized(model):
-    """Every parameter moved off its init (LayerNorm weights off 1, biases off 0)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
 
 
 def saved(model, path) -> dict[str, torch.Tensor]:
