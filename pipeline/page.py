@@ -176,7 +176,7 @@ def _sample_sections(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -
 
     picks = samples.choose(sample)
     thumbs = samples.read_thumbs(fs, root, [row for rows in picks.values() for row in rows])
-    scope = (f"From this run's {sample.rows_seen:,} ok rows ({len(files)} part(s) sampled, {len(sample.rows)} rows "
+    scope = (f"From this run's {sample.rows_seen:,} ok rows ({len(files)} part(s) sampled, {sample.kept} rows "
              f"kept by the model actors); the whole output's counts are above.")
     out = ["<h2>Images and their labels</h2>", f"<p>{_e(scope)} Each thumbnail is the image the model saw "
            "(after resize and crop), with its top-1 label and score.</p>"]

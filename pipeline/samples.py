@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 THUMB_PX = 96
@@ -151,13 +152,11 @@ def thumbnail(image: np.ndarray, px: int = THUMB_PX, quality: int = 80) -> bytes
 
 def by_hash(keys: list[str]) -> np.ndarray:
     """Row indices in the order of a hash of their keys: the same rows on every run, spread evenly."""
-    h = [hashlib.blake2b(k.encode(), digest_size=8).digest() for k in keys]
+    h = [_hash(k) for k in keys]
     return np.array(sorted(range(len(keys)), key=h.__getitem__), np.int64)
 
 
 def _top1(ok_rows: pa.Table) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
-    import pyarrow.compute as pc
-
     if "topk_ids" not in ok_rows.column_names or not ok_rows.num_rows:
         return None, None, []
     ids = pc.list_element(ok_rows.column("topk_ids"), 0) if pc.min(pc.list_value_length(
@@ -185,21 +184,31 @@ def _to_numpy(pixels: Any, idx: list[int]) -> np.ndarray:
 
 @dataclass
 class RunSample:
-    """This run's sample rows (without thumbnails), the file each came from, and the figures of
-    every row the run wrote, added over its parts."""
+    """What the page needs of this run's sample files, bounded whatever the run's size: the
+    figures of every row the run wrote, added over its parts, and only the candidates of each
+    pick (per top-1 class its PER_CLASS most confident, the UNSURE least confident, the WRONG most
+    confident disagreements) and MOST_POINTS map points by key hash. A run of 10 million images
+    has ~10,000 sample files of ~68 rows: holding them all would take the driver gigabytes."""
 
-    rows: list[dict] = field(default_factory=list)  # SCHEMA's columns but thumb, + "file"
-    rows_seen: int = 0
+    rows_seen: int = 0  # ok rows of the parts sampled
+    kept: int = 0  # rows the model actors kept in those parts
+    files: int = 0
     top1: dict[int, int] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)  # top-1 ids -> labels, from the sample rows
     score_bins: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
     confusion: dict[tuple[int, int], int] = field(default_factory=dict)
     labeled: int = 0
-    files: int = 0
+    best: dict[int, list[dict]] = field(default_factory=dict)  # top-1 id -> its most confident rows
+    unsure: list[dict] = field(default_factory=list)
+    wrong: list[dict] = field(default_factory=list)
+    some: list[dict] = field(default_factory=list)  # a model without a head: rows by key
+    points: list[tuple[bytes, int | None, np.ndarray]] = field(default_factory=list)  # (key hash, top-1, emb)
 
     def add(self, path: str, table: pa.Table) -> None:
+        """One sample file (SCHEMA without thumb, its metadata) into the run's figures and candidates."""
         stats = json.loads((table.schema.metadata or {}).get(STATS_KEY, b"{}"))
         self.files += 1
+        self.kept += table.num_rows
         self.rows_seen += stats.get("rows", 0)
         for c, k in stats.get("top1", {}).items():
             self.top1[int(c)] = self.top1.get(int(c), 0) + k
@@ -209,14 +218,52 @@ class RunSample:
             a, b = (int(v) for v in pair.split(","))
             self.confusion[(a, b)] = self.confusion.get((a, b), 0) + k
         self.labeled += stats.get("labeled", 0)
-        rows = [r | {"file": path} for r in table.to_pylist()]
+        rows = [r | {"file": path} for r in table.drop_columns(["embedding"]).to_pylist()]
         self.names |= {r["top1_id"]: r["top1_label"] for r in rows if r["top1_id"] is not None}
-        self.rows += rows
+        shown = [r for r in rows if has_thumb(r)]
+        scored = [r for r in shown if r["top1_score"] is not None]
+        for r in scored:
+            self.best[r["top1_id"]] = _best(self.best.get(r["top1_id"], []) + [r], _confident, PER_CLASS)
+        self.unsure = _best(self.unsure + scored, lambda r: (r["top1_score"], r["key"]), UNSURE)
+        self.wrong = _best(self.wrong + [r for r in scored if r["label"] is not None and r["label"] != r["top1_id"]],
+                           _confident, WRONG)
+        self.some = _best(self.some + [r for r in shown if r["top1_score"] is None], lambda r: r["key"], UNSURE)
+        self._add_points(table)
+
+    def _add_points(self, table: pa.Table) -> None:
+        emb = table.column("embedding")
+        has = np.flatnonzero(pc.is_valid(emb).to_numpy(zero_copy_only=False))
+        if not len(has):
+            return
+        flat = pc.list_flatten(emb.take(pa.array(has))).to_numpy(zero_copy_only=False)
+        vecs = np.asarray(flat, np.float32).reshape(len(has), -1)  # (m, D)
+        keys, top1 = table.column("key").to_pylist(), table.column("top1_id").to_pylist()
+        self.points += [(_hash(keys[i]), top1[i], vecs[j]) for j, i in enumerate(has)]
+        if len(self.points) > 2 * MOST_POINTS:  # keep the MOST_POINTS smallest hashes: the same as at the end
+            self.points = sorted(self.points, key=lambda p: p[0])[:MOST_POINTS]
+
+
+def _confident(row: dict) -> tuple:
+    return -row["top1_score"], row["key"]
+
+
+def _best(rows: list[dict], order, k: int) -> list[dict]:
+    """The first k rows in `order`, each key once."""
+    out, seen = [], set()
+    for r in sorted(rows, key=order):
+        if len(out) < k and r["key"] not in seen:
+            seen.add(r["key"])
+            out.append(r)
+    return out
+
+
+def _hash(key: str) -> bytes:
+    return hashlib.blake2b(key.encode(), digest_size=8).digest()
 
 
 def read_run_sample(fs, root: str, files: list[dict], in_flight: int = 16) -> RunSample:
     """The sample files named (the manifest's `samples` of this run), without their thumbnails:
-    `in_flight` read at once (one small GET each on an object store)."""
+    `in_flight` read at once (one small GET each on an object store), added in the order named."""
     def read(f: dict) -> tuple[str, pa.Table]:
         with fs.open(f"{root}/{f['path']}", "rb") as fh:
             return f["path"], pq.read_table(fh, columns=ROW_COLUMNS)
@@ -228,36 +275,16 @@ def read_run_sample(fs, root: str, files: list[dict], in_flight: int = 16) -> Ru
     return sample
 
 
-def choose(sample: RunSample, classes: int = PAGE_CLASSES, per_class: int = PER_CLASS, unsure: int = UNSURE,
-           wrong: int = WRONG) -> dict[str, list[dict]]:
-    """The page's picks from the parts' samples: {"confident": rows grouped by the run's most
-    frequent classes, most confident first; "unsure": the least confident; "mislabeled": the most
-    confident disagreements with the ground truth; "any": rows by key hash, for a model without a
-    head}. At most PAGE_THUMBS rows in all. A row may be in two groups (a confident image whose
-    ground truth disagrees): groups that gave way to each other would not be exact, since each
-    part keeps only as many rows of each group as the page shows."""
-    rows = [r for r in sample.rows if has_thumb(r)]
-    scored = [r for r in rows if r["top1_score"] is not None]
+def choose(sample: RunSample, classes: int = PAGE_CLASSES) -> dict[str, list[dict]]:
+    """The page's picks: {"confident": for each of the run's `classes` most frequent top-1 classes
+    (from every row's counts), its most confident rows; "unsure": the least confident;
+    "mislabeled": the most confident disagreements with the ground truth; "any": rows by key,
+    for a model without a head}. At most PAGE_THUMBS rows in all. A row may be in two groups (a
+    confident image whose ground truth disagrees): groups that gave way to each other would not
+    be exact, since each part keeps only as many rows of each group as the page shows."""
     frequent = sorted(sample.top1, key=lambda c: (-sample.top1[c], c))[:classes]
-
-    def take(candidates: list[dict], k: int) -> list[dict]:
-        out, seen = [], set()
-        for r in candidates:
-            if len(out) < k and r["key"] not in seen:
-                seen.add(r["key"])
-                out.append(r)
-        return out
-
-    out = {"confident": [], "unsure": [], "mislabeled": [], "any": []}
-    for c in frequent:
-        out["confident"] += take(sorted((r for r in scored if r["top1_id"] == c),
-                                        key=lambda r: (-r["top1_score"], r["key"])), per_class)
-    out["mislabeled"] = take(sorted((r for r in scored if r["label"] is not None and r["label"] != r["top1_id"]),
-                                    key=lambda r: (-r["top1_score"], r["key"])), wrong)
-    out["unsure"] = take(sorted(scored, key=lambda r: (r["top1_score"], r["key"])), unsure)
-    if not scored:
-        out["any"] = take(sorted(rows, key=lambda r: r["key"]), unsure)
-    return out
+    return {"confident": [r for c in frequent for r in sample.best.get(c, [])], "unsure": list(sample.unsure),
+            "mislabeled": list(sample.wrong), "any": [] if sample.best else list(sample.some)}
 
 
 def has_thumb(row: dict) -> bool:
@@ -288,12 +315,11 @@ def read_thumbs(fs, root: str, rows: list[dict], in_flight: int = 16) -> dict[st
 def map_points(sample: RunSample, most: int = MOST_POINTS) -> tuple[np.ndarray, list[int | None], float]:
     """A 2-D PCA of the sampled embeddings (at most `most`, by key hash): (m, 2) coordinates, each
     point's top-1 id, and the share of the variance the two axes hold."""
-    rows = [r for r in sample.rows if r["embedding"] is not None]
-    rows = [rows[i] for i in by_hash([r["key"] for r in rows])[:most]]
-    if len(rows) < 3:
+    points = sorted(sample.points, key=lambda p: p[0])[:most]
+    if len(points) < 3:
         return np.zeros((0, 2)), [], 0.0
-    x = np.array([r["embedding"] for r in rows], np.float64)
+    x = np.stack([p[2] for p in points]).astype(np.float64)  # (m, D)
     x -= x.mean(0)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
     share = float((s[:2] ** 2).sum() / max((s**2).sum(), 1e-12))
-    return x @ vt[:2].T, [r["top1_id"] for r in rows], share
+    return x @ vt[:2].T, [p[1] for p in points], share

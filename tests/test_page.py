@@ -171,12 +171,33 @@ def test_samples_stay_bounded_and_hold_the_pages_picks(tmp_path, n_images):
     assert expected[:4 * samples.PER_CLASS] == exact[:4 * samples.PER_CLASS]
     assert (sample.score_bins == np.histogram(score, bins=samples.SCORE_BINS, range=(0, 1))[0]).all()
 
+    # what the driver holds for the page is bounded too: candidates per class, never every sampled row
+    assert sum(len(v) for v in sample.best.values()) <= samples.PER_CLASS * len(sample.top1)
+    assert len(sample.unsure) <= samples.UNSURE and len(sample.wrong) <= samples.WRONG
+    assert len(sample.points) <= 2 * samples.MOST_POINTS
+
     # the page: a few MB at most whatever the run's size, its thumbnails only the picks
     write_page(str(out))
     page = (out / "report.html").read_text()
     assert len(page.encode()) < 3_000_000
     assert page.count('<img class="thumb"') == sum(len(v) for v in picks.values())
     print(f"\n{n_images} images, {parts} parts: _samples/ {sample_bytes / 1e6:.2f} MB, page {len(page) / 1e6:.2f} MB")
+
+
+def test_the_maps_points_stay_bounded_while_read_and_are_the_smallest_key_hashes(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    tables, made = _write_sampled_output(out, 20_000)  # 20 parts x 32 points
+    monkeypatch.setattr(samples, "MOST_POINTS", 100)
+    sample = samples.RunSample()
+    for i, t in enumerate(tables):
+        sample.add(f"{i}.parquet", t.drop_columns(["thumb"]))
+        assert len(sample.points) <= 200
+    xy, ids, share = samples.map_points(sample, most=100)
+    every = [(k, top1) for t in tables for k, top1, e in zip(t.column("key").to_pylist(), t.column("top1_id").to_pylist(),
+                                                            t.column("embedding").to_pylist(), strict=True) if e]
+    assert len(every) == 640
+    expected = sorted(every, key=lambda kt: hashlib.blake2b(kt[0].encode(), digest_size=8).digest())[:100]
+    assert ids == [top1 for _, top1 in expected] and xy.shape == (100, 2) and 0 < share < 1
 
 
 def test_a_model_without_a_head_or_embeddings_still_gets_thumbnails():
