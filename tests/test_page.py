@@ -347,3 +347,16 @@ def test_an_incremental_runs_page_shows_its_own_rows_and_samples_are_replaced_wi
     assert manifest["samples"] == [] and not list((out / "_samples").glob("*.parquet"))  # no thumbnail kept
     page = (out / "report.html").read_text()
     assert "output.samples: false" in page and '<img class="thumb"' not in page
+
+
+def test_thumbnails_from_a_tensor_are_those_from_numpy():
+    """The GPU decoder hands the model actor a torch tensor (N, S, S, 3) on its device: the sample
+    copies only the chosen images off it. Here on a CPU tensor (the CUDA copy is not run here)."""
+    import torch
+
+    ok_rows, bank, emb = next(synthetic_parts(200))
+    pixels = bank[np.arange(200)]  # (200, 224, 224, 3)
+    a = part_sample(ok_rows, pixels, emb)
+    b = part_sample(ok_rows, torch.from_numpy(pixels), emb)
+    assert a.column("thumb").to_pylist() == b.column("thumb").to_pylist()
+    assert sum(t is not None for t in a.column("thumb").to_pylist()) > 10
