@@ -87,6 +87,18 @@ class ModelSpec(Spec):
                                                      "weights); default: the arch's, else width / 64.")
     labels: str | None = Field(None, description="A text file (one class name per line) or JSON list URI; "
                                                  "default: the checkpoint's label names.")
+    class_names: list[str | dict[str, list[str] | str]] | str | None = Field(
+        None, description="Zero-shot labels from names, through a CLIP or SigLIP checkpoint's own text tower and "
+                          "tokenizer (a CLIPModel or SiglipModel directory): a list of names, or a text file URI with "
+                          "one name per line. A list entry may be {name: [prompts]}: its own prompts (or templates "
+                          "with {}) instead of model.prompts. The top-k labels are these names; scores are CLIP's "
+                          "softmax or SigLIP's per-class sigmoid (report and manifest say which). Not with a trained "
+                          "head, model.labels or model.pooling.")
+    prompts: list[str] | str = Field(
+        "imagenet80", description="With model.class_names: the prompt templates, each with {} for the name: a named "
+                                  "set (imagenet80: the CLIP paper's 80 ImageNet templates; short: its 7 chosen ones; "
+                                  "photo: 'a photo of a {}.'), a list, or a text file URI with one template per line. "
+                                  "A name's embedding is the normalized mean of its normalized prompt embeddings.")
     mean: tuple[float, float, float] | None = Field(None, description="Normalization mean; default: the checkpoint's.")
     std: tuple[float, float, float] | None = Field(None, description="Normalization std; default: the checkpoint's.")
 
@@ -103,6 +115,24 @@ class ModelSpec(Spec):
     def _arch_or_checkpoint(self) -> ModelSpec:
         if self.checkpoint is None and self.arch is None:
             raise ValueError("set model.checkpoint, or model.arch for random weights")
+        return self
+
+    @model_validator(mode="after")
+    def _class_names(self) -> ModelSpec:
+        """Inline names and templates are checked here, before any cluster work (files at load)."""
+        from pipeline import zeroshot
+
+        if self.class_names is None:
+            return self
+        for key in ("labels", "num_classes", "pooling"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"model.class_names labels from names: model.{key} cannot be given with it")
+        if self.checkpoint is None:
+            raise ValueError("model.class_names needs a CLIP or SigLIP checkpoint with its text tower, not random weights")
+        if isinstance(self.class_names, list):
+            zeroshot.check_names(self.class_names)
+        if isinstance(self.prompts, list):
+            zeroshot.check_templates(self.prompts)
         return self
 
 

@@ -57,7 +57,8 @@ def output_schema(embed_dim: int, outputs: OutputsSpec) -> pa.Schema:
 
 def predict_part(records: pa.Table, engine: Engine, pre: Preprocess, labels: list[str], outputs: OutputsSpec,
                  call_size: int, pool: Executor | None = None, gpu_decoder: Any = None,
-                 schema: pa.Schema | None = None, sample: bool = False) -> tuple[dict[str, pa.Table], dict]:
+                 schema: pa.Schema | None = None, sample: bool = False,
+                 scores: str = "softmax") -> tuple[dict[str, pa.Table], dict]:
     """A part's records (RECORD_SCHEMA) -> ({"ok": rows, "errors": rows}, counts); with `sample`,
     also "samples": the page's thumbnails and rows of this part (samples.py), made here, where the
     pixels are, so that no one reads an image again for the page.
@@ -83,7 +84,7 @@ def predict_part(records: pa.Table, engine: Engine, pre: Preprocess, labels: lis
         flat = pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1))
         data["embedding"] = pa.FixedSizeListArray.from_arrays(flat, engine.embed_dim)
     if outputs.top_k:
-        data.update(top_k(logits, outputs.top_k, labels, has_head=engine.num_classes > 0))
+        data.update(top_k(logits, outputs.top_k, labels, has_head=engine.num_classes > 0, scores=scores))
     ok_rows = pa.table({f.name: data[f.name] for f in schema}, schema=schema)
 
     tables = {"ok": ok_rows, "errors": error_table(records, cols)}
@@ -134,12 +135,17 @@ def part_counts(cols: dict[str, list], ok_rows: pa.Table, decoded: dict) -> dict
             "fallback_cpu": decoded["cpu"]}
 
 
-def top_k(logits: np.ndarray, k: int, labels: list[str], has_head: bool) -> dict[str, pa.Array]:
-    """Softmax top-k per row as Arrow list columns (empty lists for a model without a head)."""
+def top_k(logits: np.ndarray, k: int, labels: list[str], has_head: bool,
+          scores: str = "softmax") -> dict[str, pa.Array]:
+    """Top-k per row as Arrow list columns (empty lists for a model without a head): softmax
+    probabilities, or (`scores` sigmoid: SigLIP's zero-shot labels) each class's own sigmoid."""
     n = len(logits)
     k = min(k, logits.shape[1]) if has_head else 0
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = z / z.sum(axis=1, keepdims=True)  # (n, C)
+    if scores == "sigmoid":
+        probs = 1.0 / (1.0 + np.exp(-logits))  # (n, C), not summing to 1
+    else:
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = z / z.sum(axis=1, keepdims=True)  # (n, C)
     idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (n, k)
     scores = np.take_along_axis(probs, idx, axis=1)  # (n, k)
     names = np.array(list(labels) + [str(j) for j in range(len(labels), logits.shape[1])], dtype=object)
@@ -213,7 +219,7 @@ class Predictor:
     def _process(self, part: Part, check: dict | None) -> pa.Table:
         tables, counts = predict_part(part.records, self.engine, self.ckpt.preprocess, self.ckpt.labels,
                                       self.outputs, self.call_size, self.pool, self.gpu_decoder, self.schema,
-                                      sample=self.sample)
+                                      sample=self.sample, scores=self.ckpt.config.scores)
         files = self.writer.write(part.shard.uri, part.index, tables)
         return result_row(part, files, counts, check, self.node, self.ready_at)
 

@@ -39,6 +39,9 @@ class RunReport:
     top1_accuracy: float | None
     model_family: str = "vit"  # vit, deit, clip, siglip, dinov2 (vit.ViTConfig.family)
     normalized: bool = False  # outputs.normalize as resolved for the family: embeddings of unit length
+    # the top-k scores: softmax, or sigmoid (SigLIP's zero-shot labels: per class, not summing to 1)
+    scores: str = "softmax"
+    zero_shot: bool = False  # labels from class names through the text tower (zeroshot.py)
     started_at: float = 0.0  # unix time the run began (run_job's call); the times above count from it
     time_to_start_s: float | None = None  # to the dataset's start: model, listing, lease, Ray, the gate
     time_to_full_speed_s: float | None = None
@@ -82,7 +85,8 @@ class RunReport:
             f"  throughput     {self.images_per_s:.1f} images/s over {self.wall_s:.1f} s wall{first}{full}",
             *([self._start_line()] if self.time_to_listed_s is not None and self.time_to_model_ready_s else []),
             f"  model          {self.model_source} ({self.model_family}, id {self.model_id[:12]}), embedding dim "
-            f"{self.embedding_dim}{', L2-normalized' if self.normalized else ''}",
+            f"{self.embedding_dim}{', L2-normalized' if self.normalized else ''}"
+            f"{f'; zero-shot labels from class names, {self.scores} scores' if self.zero_shot else ''}",
             f"  engine         {self.engine} x {self.actors} actor(s), {self.threads_per_actor} thread(s) each"
             f" ({self.engine_reason})",
         ]

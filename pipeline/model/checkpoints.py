@@ -212,7 +212,7 @@ def hub_snapshot(uri: str) -> str:
         raise CheckpointError(f"{uri}: expected hf://ORG/NAME[@REVISION][/FILE], e.g. hf://google/vit-base-patch16-224")
     name, _, revision = parts[1].partition("@")
     repo_id, file = f"{parts[0]}/{name}", "/".join(parts[2:])
-    patterns = [file] if file else ["*.json", "*.txt", "*.safetensors", "*.bin", "*.pth", "*.npz"]
+    patterns = [file] if file else ["*.json", "*.txt", "*.model", "*.safetensors", "*.bin", "*.pth", "*.npz"]
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
@@ -230,5 +230,10 @@ def load_model(m: ModelSpec) -> Checkpoint:
         with fsspec.open(m.labels, "r") as f:
             text = f.read()
         labels = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return load_checkpoint(m.checkpoint, m.arch, m.pooling, m.image_size, m.num_classes, m.mean, m.std, labels,
+    ckpt = load_checkpoint(m.checkpoint, m.arch, m.pooling, m.image_size, m.num_classes, m.mean, m.std, labels,
                            m.heads)
+    if m.class_names is not None:  # zero-shot: the names' text embeddings become the head
+        from pipeline import zeroshot
+
+        ckpt = zeroshot.apply(ckpt, m.checkpoint, m.class_names, m.prompts)
+    return ckpt

@@ -70,6 +70,11 @@ class ViTConfig:
     # DINOv2 with registers, timm, the DINOv2 repository's register models), dinov2 (the
     # DINOv2 repository's models without registers: scale factor (g + 0.1) / G, no antialias).
     pos_interp: Literal["bicubic", "bicubic_aa", "dinov2"] = "bicubic"
+    # Zero-shot labels (zeroshot.py): the head holds the class names' text embeddings times the
+    # logit scale, and sees the L2-normalized embedding, so its logits are scale * cosine (+ bias);
+    # `scores` says how logits become the top-k scores: CLIP's softmax, SigLIP's per-class sigmoid.
+    head_on_embedding: bool = False
+    scores: Literal["softmax", "sigmoid"] = "softmax"
 
     @property
     def grid(self) -> int:
@@ -300,6 +305,7 @@ class ViT(nn.Module):
         self.attn_pool = AttentionPool(cfg) if uses_map else None
         self.proj = nn.Linear(D, cfg.proj_dim, bias=False) if cfg.proj_dim else None
         head_in = 2 * D if (cfg.head_pooling or cfg.pooling) == "cls+gap" else D
+        head_in = cfg.embed_dim if cfg.head_on_embedding else head_in
         self.head = nn.Linear(head_in, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.distill_token and cfg.num_classes > 0 else None
         self.apply(_init_weights)
@@ -344,6 +350,8 @@ class ViT(nn.Module):
         tokens = self.forward_features(x)  # (B, T, D)
         pooled = self.pool(tokens)  # (B, D) or (B, 2D)
         emb = self.project(pooled)  # (B, E)
+        if self.cfg.head_on_embedding:  # zero-shot: scale * cosine with each class name's text embedding
+            return emb, self.head(F.normalize(emb, dim=-1))  # (B, E), (B, C)
         trained = self.cfg.head_pooling or self.cfg.pooling
         logits = self.head(pooled if trained == self.cfg.pooling else self.pool(tokens, trained))  # (B, C)
         if self.head_dist is not None:  # DeiT distilled: the mean of the class and distillation heads
