@@ -130,7 +130,7 @@ def build_and_check(job: dict, images: np.ndarray, threads: int, call_size: int,
 
     spec = JobSpec.model_validate(job)
     e = spec.engine
-    ckpt = ckpt or load_model(spec.model)
+    ckpt = ckpt or load_model(spec.model, spec.engine.cache_uri)
     built = build_engine(ckpt, backend or e.backend, e.precision, e.device, threads, max_batch=call_size,
                          cache_uri=e.cache_uri, compile=e.compile, calibration=calibration)
     return check_built(spec, ckpt, built, images, threads)

@@ -171,7 +171,7 @@ class Predictor:
 
         spec = JobSpec.model_validate(job)
         e = spec.engine
-        self.ckpt: Checkpoint = load_model(spec.model)
+        self.ckpt: Checkpoint = load_model(spec.model, spec.engine.cache_uri)
         # `backend` is what the driver's gate step resolved `auto` to, so all actors agree;
         # `calibration` (a Ray object ref: Ray Data keeps constructor kwargs inside its own pickled
         # state, so refs there are not resolved for us) is the int8/fp8 batch the gate step calibrated

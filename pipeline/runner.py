@@ -200,7 +200,7 @@ def compile_job(spec: JobSpec) -> dict:
     from pipeline.model.checkpoints import load_model
 
     check_uris(spec)
-    ckpt = load_model(spec.model)
+    ckpt = load_model(spec.model, spec.engine.cache_uri)
     shards = list_shards(spec.source)
     init_ray(spec)
     plan = plan_on_cluster(spec, ckpt.config)
@@ -394,7 +394,7 @@ def load_checkpoint(spec: JobSpec, progress: Progress) -> Checkpoint:
     """The job's model, and a start-up line once it is in memory (a hub download can take minutes)."""
     from pipeline.model.checkpoints import load_model
 
-    ckpt = load_model(spec.model)
+    ckpt = load_model(spec.model, spec.engine.cache_uri)
     progress.step(f"model {ckpt.source} loaded")
     return ckpt
 

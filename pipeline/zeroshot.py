@@ -15,7 +15,10 @@ which does not sum to 1 over the classes (vit.ViTConfig.scores; predict.top_k ap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import fsspec
@@ -23,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model.keys import CheckpointError
+
+log = logging.getLogger(__name__)
 
 # The CLIP paper's 80 ImageNet templates (openai/CLIP, notebooks/Prompt_Engineering_for_ImageNet.ipynb).
 IMAGENET80 = (
@@ -159,8 +164,39 @@ def fold_head(ckpt: Any, emb: torch.Tensor, scale: float, bias: float, names: tu
     return replace(ckpt, config=config, state_dict=sd, labels=list(names))
 
 
+@dataclass(frozen=True)
+class TextCacheKey:
+    """Where a label set's text embeddings live in the engine cache (engines/cache.py keys on any
+    frozen dataclass with a `name`): computed once, then every actor and every nightly run reads
+    them. The image model id alone would not do: the text tower's weights are not in it."""
+
+    model_id: str  # the image tower's (checkpoints.Checkpoint.model_id, before the head is folded)
+    text_id: str  # the text tower's weights, logit scale and bias (text.TextModel.digest)
+    tokenizer: str  # sha256 of the tokenizer files
+    labels: str  # sha256 of the names and each name's prompts
+
+    @property
+    def name(self) -> str:
+        return "text-embeddings-" + hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def text_embeddings(ckpt: Any, text: Any, labels: LabelSet, cache_uri: str | None = None) -> tuple[torch.Tensor, str]:
+    """The label set's (C, E) class embeddings from the engine cache, or computed and stored there;
+    and what the cache did ("hit", "built", ...)."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from pipeline.engines.cache import EngineCache
+
+    key = TextCacheKey(ckpt.model_id, text.digest, text.tokenizer.digest,
+                       hashlib.sha256(json.dumps(labels.key).encode()).hexdigest())
+    result = EngineCache(cache_uri).get_or_build(key, lambda: st_save({"emb": class_embeddings(text, labels)}))
+    log.info("zero-shot text embeddings for %d names: %s (%s)", len(labels.names), result.status, key.name)
+    return st_load(result.data)["emb"], result.status
+
+
 def apply(ckpt: Any, checkpoint_uri: str | None, class_names: list[NameEntry] | str,
-          prompts: list[str] | str) -> Any:
+          prompts: list[str] | str, cache_uri: str | None = None) -> Any:
     """The job's checkpoint with the class names' head folded in (checkpoints.load_model calls it)."""
     from pipeline.model.text import load_text_model
 
@@ -177,5 +213,5 @@ def apply(ckpt: Any, checkpoint_uri: str | None, class_names: list[NameEntry] | 
     if text.tower.cfg.proj_dim != cfg.embed_dim:
         raise CheckpointError(f"{checkpoint_uri}: the text tower embeds in {text.tower.cfg.proj_dim} dimensions, "
                               f"the image tower in {cfg.embed_dim}")
-    emb = class_embeddings(text, labels)  # (C, E)
+    emb, _ = text_embeddings(ckpt, text, labels, cache_uri)  # (C, E)
     return fold_head(ckpt, emb, text.logit_scale, text.logit_bias, labels.names)

@@ -46,6 +46,11 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def _load(tmp_path, **model):
+    """load_model with the engine cache in the test's folder (not the user's ~/.cache)."""
+    return load_model(ModelSpec(**model), str(tmp_path / "cache"))
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -179,7 +184,7 @@ def test_class_names_give_the_logits_scores_and_top_k_of_transformers(tmp_path, 
     context = 24 if family == "clip" else 16
     x = torch.randn(5, 3, 32, 32)
     for templates in (TEMPLATES[:1], TEMPLATES, list(SHORT)):
-        ckpt = load_model(ModelSpec(checkpoint=str(path), class_names=NAMES, prompts=templates))
+        ckpt = _load(tmp_path, checkpoint=str(path), class_names=NAMES, prompts=templates)
         assert ckpt.labels == NAMES and ckpt.config.num_classes == len(NAMES)
         assert ckpt.config.scores == ("softmax" if family == "clip" else "sigmoid")
         with torch.no_grad():
@@ -235,21 +240,45 @@ def test_checkpoints_without_a_text_tower_or_tokenizer_or_with_a_head_are_refuse
     vision = transformers.CLIPVisionConfig(**VISION, projection_dim=16)
     transformers.CLIPVisionModelWithProjection(vision).save_pretrained(str(tmp_path / "tower"))
     with pytest.raises(CheckpointError, match="no text tower"):
-        load_model(ModelSpec(checkpoint=str(tmp_path / "tower"), class_names=["cat"]))
+        _load(tmp_path, checkpoint=str(tmp_path / "tower"), class_names=["cat"])
     hf = transformers.CLIPModel(transformers.CLIPConfig(vision_config=VISION, text_config=TEXT | {"vocab_size": 64}))
     hf.save_pretrained(str(tmp_path / "bare"))  # no tokenizer files beside it
     with pytest.raises(CheckpointError, match="no tokenizer"):
-        load_model(ModelSpec(checkpoint=str(tmp_path / "bare"), class_names=["cat"]))
+        _load(tmp_path, checkpoint=str(tmp_path / "bare"), class_names=["cat"])
     with pytest.raises(CheckpointError, match="trained head"):
-        load_model(ModelSpec(checkpoint="builtin:digits", class_names=["zero", "one"]))
+        _load(tmp_path, checkpoint="builtin:digits", class_names=["zero", "one"])
     (tmp_path / "names.txt").write_text("cat\ndog\nCAT\n")  # a file's duplicates: found at load
     clip_dir(tmp_path / "clip")
     with pytest.raises(ValueError, match="duplicate class name 'CAT'"):
-        load_model(ModelSpec(checkpoint=str(tmp_path / "clip"), class_names=str(tmp_path / "names.txt")))
+        _load(tmp_path, checkpoint=str(tmp_path / "clip"), class_names=str(tmp_path / "names.txt"))
 
 
 def test_model_id_covers_the_label_set(tmp_path):
     clip_dir(tmp_path / "clip")
-    ids = {load_model(ModelSpec(checkpoint=str(tmp_path / "clip"), class_names=names, prompts=prompts)).model_id
+    ids = {_load(tmp_path, checkpoint=str(tmp_path / "clip"), class_names=names, prompts=prompts).model_id
            for names, prompts in ((NAMES, "photo"), (NAMES[:3], "photo"), (NAMES, "short"))}
     assert len(ids) == 3
+
+
+
+def test_text_embeddings_are_computed_once_then_read_from_the_engine_cache(tmp_path):
+    from pipeline.model.checkpoints import load_checkpoint
+    from pipeline.zeroshot import text_embeddings
+
+    clip_dir(tmp_path / "clip")
+    image = load_checkpoint(str(tmp_path / "clip"))
+    text = load_text_model(str(tmp_path / "clip"))
+    cache = str(tmp_path / "cache")
+    first, status1 = text_embeddings(image, text, label_set(NAMES, TEMPLATES), cache)
+    again, status2 = text_embeddings(image, text, label_set(NAMES, TEMPLATES), cache)
+    assert (status1, status2) == ("built", "hit") and torch.equal(first, again)
+    assert first.shape == (len(NAMES), 24) and torch.allclose(first.norm(dim=-1), torch.ones(len(NAMES)))
+    # another template, another tokenizer: other keys, computed anew
+    _, status3 = text_embeddings(image, text, label_set(NAMES, TEMPLATES[:2]), cache)
+    text.tokenizer.digest = "0" * 64
+    _, status4 = text_embeddings(image, text, label_set(NAMES, TEMPLATES), cache)
+    assert (status3, status4) == ("built", "built")
+    assert len(list((tmp_path / "cache").glob("text-embeddings-*.json"))) == 3
+    # the folded checkpoint reads them from the cache: same head as computed
+    ckpt = load_model(ModelSpec(checkpoint=str(tmp_path / "clip"), class_names=NAMES, prompts=TEMPLATES), cache)
+    assert torch.allclose(ckpt.state_dict["head.weight"], text.logit_scale * first)

@@ -223,8 +223,9 @@ def hub_snapshot(uri: str) -> str:
     return os.path.join(folder, file) if file else folder
 
 
-def load_model(m: ModelSpec) -> Checkpoint:
-    """The job's checkpoint (model section of a job spec) with its overrides applied."""
+def load_model(m: ModelSpec, cache_uri: str | None = None) -> Checkpoint:
+    """The job's checkpoint (model section of a job spec) with its overrides applied; with class
+    names, their text embeddings come from (or go into) the engine cache at `cache_uri`."""
     labels = None
     if m.labels:
         with fsspec.open(m.labels, "r") as f:
@@ -235,5 +236,5 @@ def load_model(m: ModelSpec) -> Checkpoint:
     if m.class_names is not None:  # zero-shot: the names' text embeddings become the head
         from pipeline import zeroshot
 
-        ckpt = zeroshot.apply(ckpt, m.checkpoint, m.class_names, m.prompts)
+        ckpt = zeroshot.apply(ckpt, m.checkpoint, m.class_names, m.prompts, cache_uri)
     return ckpt

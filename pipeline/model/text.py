@@ -266,6 +266,7 @@ class TextModel:
     tokenizer: TextTokenizer
     logit_scale: float  # already exponentiated
     logit_bias: float  # SigLIP; 0 for CLIP
+    digest: str = ""  # sha256 of the tower's weights: part of the text-embedding cache key
 
     @torch.inference_mode()
     def embed(self, prompts: list[str], batch: int = 256) -> torch.Tensor:
@@ -305,7 +306,15 @@ def load_text_model(uri: str) -> TextModel:
     tokenizer = load_tokenizer(fs, base, cfg.family, cfg.context, uri)
     scale = float(weights["logit_scale"].float().exp()) if "logit_scale" in weights else 1.0
     bias = float(weights["logit_bias"].float()) if "logit_bias" in weights else 0.0
-    return TextModel(tower.eval(), tokenizer, scale, bias)
+    return TextModel(tower.eval(), tokenizer, scale, bias, _weights_digest(tower.state_dict(), scale, bias))
+
+
+def _weights_digest(sd: dict[str, torch.Tensor], scale: float, bias: float) -> str:
+    h = hashlib.sha256(json.dumps([scale, bias]).encode())
+    for name in sorted(sd):
+        h.update(name.encode())
+        h.update(sd[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def text_config(hf: dict, weights: dict[str, torch.Tensor], source: str) -> TextConfig:
