@@ -114,6 +114,9 @@ def siglip_dir(path) -> transformers.SiglipModel:
                        projection_size=VISION["hidden_size"])
     cfg = transformers.SiglipConfig(vision_config=VISION, text_config=text)
     hf = helpers.randomized(transformers.SiglipModel(cfg), 0.05)
+    with torch.no_grad():  # near SigLIP's trained values (its init is log 10 and -10), so both matter
+        hf.logit_scale.fill_(2.4)
+        hf.logit_bias.fill_(-1.7)
     hf.save_pretrained(str(path))
     return hf
 
