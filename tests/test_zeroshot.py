@@ -285,3 +285,17 @@ def test_text_embeddings_are_computed_once_then_read_from_the_engine_cache(tmp_p
     # the folded checkpoint reads them from the cache: same head as computed
     ckpt = load_model(ModelSpec(checkpoint=str(tmp_path / "clip"), class_names=NAMES, prompts=TEMPLATES), cache)
     assert torch.allclose(ckpt.state_dict["head.weight"], text.logit_scale * first)
+
+
+
+def test_the_folded_head_runs_on_the_onnx_engine_as_on_torch(tmp_path):
+    """The label set is weights of the head: an exported graph carries it (and the normalization)."""
+    pytest.importorskip("onnxruntime")
+    from pipeline.engines.build import build_engine
+
+    siglip_dir(tmp_path / "siglip")
+    ckpt = _load(tmp_path, checkpoint=str(tmp_path / "siglip"), class_names=NAMES, prompts="short")
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    (e1, l1), (e2, l2) = (build_engine(ckpt, b, "fp32", "cpu", 1, max_batch=4, cache_uri=str(tmp_path / "cache"))
+                          .engine.run(images) for b in ("torch", "onnx"))
+    assert l1.shape == (4, len(NAMES)) and np.abs(l1 - l2).max() <= 1e-4 and np.abs(e1 - e2).max() <= 1e-4
