@@ -160,6 +160,43 @@ def test_siglip_text_tower_and_spiece_tokenizer_as_transformers(tmp_path):
     assert (text.logit_scale, text.logit_bias) == pytest.approx((hf.logit_scale.exp().item(), hf.logit_bias.item()))
 
 
+
+def open_clip_text_weights(hf) -> dict[str, torch.Tensor]:
+    """transformers' CLIP text tower in open_clip's native layout (q, k, v packed; x @ projection)."""
+    out = {"token_embedding.weight": hf.text_model.embeddings.token_embedding.weight,
+           "positional_embedding": hf.text_model.embeddings.position_embedding.weight,
+           "ln_final.weight": hf.text_model.final_layer_norm.weight, "ln_final.bias": hf.text_model.final_layer_norm.bias,
+           "text_projection": hf.text_projection.weight.T, "logit_scale": hf.logit_scale}
+    for i, layer in enumerate(hf.text_model.encoder.layers):
+        p, a = f"transformer.resblocks.{i}.", layer.self_attn
+        out |= {p + "attn.in_proj_weight": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                p + "attn.in_proj_bias": torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                p + "attn.out_proj.weight": a.out_proj.weight, p + "attn.out_proj.bias": a.out_proj.bias}
+        for ours, theirs in (("ln_1", layer.layer_norm1), ("ln_2", layer.layer_norm2), ("mlp.c_fc", layer.mlp.fc1),
+                             ("mlp.c_proj", layer.mlp.fc2)):
+            out |= {p + ours + ".weight": theirs.weight, p + ours + ".bias": theirs.bias}
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def test_open_clip_text_tower_embeds_as_transformers(tmp_path):
+    """open_clip's native text tower pools at the highest token id: transformers' rule for
+    eos_token_id 2, so a CLIPModel with that config is its oracle."""
+    from safetensors.torch import save_file
+
+    hf = clip_dir(tmp_path / "oc", eos_rule="argmax")
+    (tmp_path / "oc" / "config.json").unlink()
+    save_file(open_clip_text_weights(hf), str(tmp_path / "oc" / "open_clip_model.safetensors"))
+    (tmp_path / "oc" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 24, "quick_gelu": True, "text_cfg": {"context_length": 24, "width": 32, "heads": 4, "layers": 2}}}))
+    text = load_text_model(str(tmp_path / "oc"))
+    prompts = [t.format(n) for t in TEMPLATES for n in NAMES]
+    ids = text.tokenizer(prompts)
+    assert torch.equal(ids, hf_ids(tmp_path / "oc", "clip", prompts, 24))
+    with torch.no_grad():
+        assert _max_diff(text.tower(ids), _features(hf.get_text_features(input_ids=ids))) <= 1e-4
+    assert text.logit_scale == pytest.approx(hf.logit_scale.exp().item(), rel=1e-6)
+
+
 # --- the label set folded into the head ---------------------------------------------------------------
 
 

@@ -11,7 +11,9 @@ pooled and projected into the image-text space:
 - SigLIP: no mask (every prompt is padded to the context length, as it was trained); pooled
   at the last position, then its `head` Linear.
 
-Module names follow transformers' (after `text_model.`), so its weights load by name. The
+Module names follow transformers' (after `text_model.`), so its weights load by name; open_clip
+directories' native text tower (packed q/k/v, x @ text_projection, pooled by argmax) is renamed
+into them. The
 tokenizer is the `tokenizers` library's, read from the checkpoint's own files (tokenizer.json,
 or CLIP's vocab.json + merges.txt built as transformers' CLIPTokenizer builds them), or
 SigLIP's spiece.model through sentencepiece, canonicalized as transformers' SiglipTokenizer
@@ -283,6 +285,8 @@ def load_text_model(uri: str) -> TextModel:
 
     fs, path = fsspec.core.url_to_fs(hub_snapshot(uri) if uri.startswith("hf://") else uri)
     base = path.rstrip("/")
+    if fs.isdir(path) and fs.exists(f"{base}/open_clip_config.json"):
+        return _open_clip_text(fs, base, uri)
     if not fs.isdir(path) or not fs.exists(f"{base}/config.json"):
         raise CheckpointError(f"{uri}: class names need a checkpoint with a text tower: a Hugging Face CLIPModel or "
                               "SiglipModel directory")
@@ -303,10 +307,67 @@ def load_text_model(uri: str) -> TextModel:
     if missing:
         raise CheckpointError(f"{uri}: the text tower lacks {missing[0]!r}")
     tower.load_state_dict({k: v.float() for k, v in sd.items() if k in tower.state_dict()}, strict=True)
-    tokenizer = load_tokenizer(fs, base, cfg.family, cfg.context, uri)
+    return _text_model(fs, base, tower, weights, uri)
+
+
+def _text_model(fs: Any, base: str, tower: TextTower, weights: dict[str, torch.Tensor], uri: str) -> TextModel:
+    tokenizer = load_tokenizer(fs, base, tower.cfg.family, tower.cfg.context, uri)
     scale = float(weights["logit_scale"].float().exp()) if "logit_scale" in weights else 1.0
     bias = float(weights["logit_bias"].float()) if "logit_bias" in weights else 0.0
     return TextModel(tower.eval(), tokenizer, scale, bias, _weights_digest(tower.state_dict(), scale, bias))
+
+
+# open_clip's native text tower (transformer.py's TextTransformer) into the names above.
+_OPEN_CLIP_RULES = [
+    (r"^token_embedding\.weight$", "embeddings.token_embedding.weight"),
+    (r"^positional_embedding$", "embeddings.position_embedding.weight"),
+    (r"^transformer\.resblocks\.(\d+)\.ln_(1|2)\.", r"encoder.layers.\1.layer_norm\2."),
+    (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"encoder.layers.\1.self_attn.out_proj."),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"encoder.layers.\1.mlp.fc1."),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"encoder.layers.\1.mlp.fc2."),
+    (r"^ln_final\.", "final_layer_norm."),
+]
+
+
+def _open_clip_text(fs: Any, base: str, uri: str) -> TextModel:
+    """An open_clip directory's native text tower: causal, pooled at the highest token id (its
+    `argmax` pool type, the end-of-text token in CLIP's vocabulary), then x @ text_projection;
+    the tokenizer from the directory's own files (the Hub's open_clip repositories carry them)."""
+    from pipeline.model.keys import read_weights, rename_keys
+
+    model_cfg = json.loads(fs.cat_file(f"{base}/open_clip_config.json"))
+    model_cfg = model_cfg.get("model_cfg", model_cfg)
+    t = model_cfg.get("text_cfg", {})
+    odd = {k: t[k] for k in ("hf_model_name", "embed_cls", "no_causal_mask", "final_ln_after_pool") if t.get(k)}
+    if t.get("pool_type", "argmax") != "argmax" or odd:
+        raise CheckpointError(f"{uri}: open_clip text_cfg {odd or {'pool_type': t['pool_type']}} is not supported "
+                              "(only the native causal tower pooled by argmax)")
+    name = next((n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+                 if fs.exists(f"{base}/{n}")), None)
+    if name is None:
+        raise CheckpointError(f"{uri}: an open_clip directory without open_clip_model.safetensors")
+    weights = read_weights(fs.cat_file(f"{base}/{name}"), name, uri)
+    if "text_projection" not in weights or "token_embedding.weight" not in weights:
+        raise CheckpointError(f"{uri}: no native text tower (token_embedding, text_projection) in {name}")
+    sd = rename_keys({k: v for k, v in weights.items() if not k.startswith("visual.")}, _OPEN_CLIP_RULES)
+    for k in [k for k in sd if k.endswith(("attn.in_proj_weight", "attn.in_proj_bias"))]:
+        block, kind = k.split(".")[2], k.rsplit("_", 1)[1]  # transformer.resblocks.I.attn.in_proj_{weight,bias}
+        for part, chunk in zip(("q", "k", "v"), sd.pop(k).chunk(3), strict=True):  # (3D, ...) -> (D, ...) each
+            sd[f"encoder.layers.{block}.self_attn.{part}_proj.{kind}"] = chunk
+    sd["proj.weight"] = sd.pop("text_projection").T  # applied as x @ proj: (D, E) -> Linear (E, D)
+    vocab, dim = sd["embeddings.token_embedding.weight"].shape
+    cfg = TextConfig(family="clip", vocab_size=vocab, context=sd["embeddings.position_embedding.weight"].shape[0],
+                     dim=dim, depth=len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")}),
+                     heads=int(t.get("heads", 8)), mlp_dim=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+                     proj_dim=sd["proj.weight"].shape[0], act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+                     eos_token_id=None)
+    tower = TextTower(cfg)
+    keep = {k: v.float() for k, v in sd.items() if k in tower.state_dict()}
+    missing = sorted(set(tower.state_dict()) - set(keep))
+    if missing:
+        raise CheckpointError(f"{uri}: the open_clip text tower lacks {missing[0]!r}")
+    tower.load_state_dict(keep, strict=True)
+    return _text_model(fs, base, tower, weights, uri)
 
 
 def _weights_digest(sd: dict[str, torch.Tensor], scale: float, bias: float) -> str:
