@@ -336,3 +336,59 @@ def test_the_folded_head_runs_on_the_onnx_engine_as_on_torch(tmp_path):
     (e1, l1), (e2, l2) = (build_engine(ckpt, b, "fp32", "cpu", 1, max_batch=4, cache_uri=str(tmp_path / "cache"))
                           .engine.run(images) for b in ("torch", "onnx"))
     assert l1.shape == (4, len(NAMES)) and np.abs(l1 - l2).max() <= 1e-4 and np.abs(e1 - e2).max() <= 1e-4
+
+
+# --- end to end ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.heavy
+def test_vitpipe_run_labels_real_jpegs_with_the_users_names(ray_cluster, tmp_path):
+    """`vitpipe run` with model.class_names on real JPEG crops: the top-k labels are the user's
+    names, and the scores are those of transformers fed by its own image processor."""
+    import duckdb
+    from PIL import Image
+    from test_families_run import _processor, photos
+
+    from pipeline.config import JobSpec
+    from pipeline.demo import write_shards
+    from pipeline.runner import run_job
+
+    hf = clip_dir(tmp_path / "clip")
+    proc = _processor("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc.save_pretrained(str(tmp_path / "clip"))
+    pics = photos(16)
+    write_shards(pics, str(tmp_path / "in"), n_shards=2, prefix="photo")
+    (tmp_path / "names.txt").write_text("\n".join(NAMES) + "\n")
+    def spec(out: str) -> JobSpec:
+        return JobSpec.model_validate({
+            "name": "zero-shot", "source": {"uri": str(tmp_path / "in")},
+            "model": {"checkpoint": str(tmp_path / "clip"), "class_names": str(tmp_path / "names.txt"),
+                      "prompts": TEMPLATES},
+            "engine": {"batch_size": 8, "cache_uri": str(tmp_path / "cache")}, "outputs": {"top_k": 3},
+            "output": {"uri": str(tmp_path / out)}, "ray": {"progress": False}})
+
+    report = run_job(spec("out"))
+    entries = list((tmp_path / "cache").glob("text-embeddings-*.json"))
+    assert len(entries) == 1  # computed once, by the driver; the actors read it
+    made = json.loads(entries[0].read_text())["created_at"]
+    again = run_job(spec("out2"))  # a second run (a nightly one): taken from the cache, not rewritten
+    assert again.model_id == report.model_id and again.ok_rows == len(pics)
+    assert list((tmp_path / "cache").glob("text-embeddings-*.json")) == entries
+    assert json.loads(entries[0].read_text())["created_at"] == made
+    assert report.ok_rows == len(pics) and (report.zero_shot, report.scores) == (True, "softmax")
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["model"]["labels"] == NAMES and manifest["model"]["scores"] == "softmax"
+    rows = duckdb.sql(f"SELECT key, topk_ids, topk_scores, topk_labels FROM "
+                      f"read_parquet('{tmp_path / 'out'}/part-*.parquet') ORDER BY key").fetchall()
+    assert len(rows) == len(pics)
+    images = [Image.open(io.BytesIO(pics[int(k.rsplit("-", 1)[-1])][0])).convert("RGB") for k, *_ in rows]
+    x = proc(images=images, return_tensors="pt")["pixel_values"]
+    probs = _oracle_logits(hf, tmp_path / "clip", "clip", x, TEMPLATES, 24).softmax(-1)  # (N, C)
+    for (_, ids, scores, labels), p in zip(rows, probs, strict=True):
+        assert labels == [NAMES[j] for j in ids]
+        # our decode and resize are not transformers' processor's (embeddings agree to cosine 0.999,
+        # test_families_run.py): the scores to 1e-2, and the same top-3 wherever no two are that close
+        assert np.abs(np.asarray(scores) - p[ids].numpy()).max() <= 1e-2
+        top = p.sort(descending=True)
+        if (top.values[:3] - top.values[1:4] > 1e-2).all():
+            assert ids == top.indices[:3].tolist()
