@@ -89,7 +89,7 @@ class ModelSpec(Spec):
                                                  "default: the checkpoint's label names.")
     class_names: list[str | dict[str, list[str] | str]] | str | None = Field(
         None, description="Zero-shot labels from names, through a CLIP or SigLIP checkpoint's own text tower and "
-                          "tokenizer (a CLIPModel or SiglipModel directory): a list of names, or a text file URI with "
+                          "tokenizer (a CLIPModel, SiglipModel or open_clip directory): a list of names, or a text file URI with "
                           "one name per line. A list entry may be {name: [prompts]}: its own prompts (or templates "
                           "with {}) instead of model.prompts. The top-k labels are these names; scores are CLIP's "
                           "softmax or SigLIP's per-class sigmoid (report and manifest say which). Not with a trained "
@@ -310,6 +310,13 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     src = spec.source
     src.uri = [fix(u) for u in src.uri] if isinstance(src.uri, list) else fix(src.uri)
     spec.output.uri = fix(spec.output.uri)
+    from pipeline.zeroshot import is_template_set
+
+    m = spec.model  # the label set's files are read by every model actor too
+    if isinstance(m.class_names, str):
+        m.class_names = fix(m.class_names)
+    if isinstance(m.prompts, str) and not is_template_set(m.prompts):
+        m.prompts = fix(m.prompts)
     return spec
 
 

@@ -276,6 +276,13 @@ def test_bad_label_sets_are_refused_in_the_spec(model, message):
         load_job_spec(data=_spec(model))
 
 
+def test_label_set_files_are_made_absolute_for_the_actors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = load_job_spec(data=_spec({"class_names": "names.txt", "prompts": "templates.txt"})).model
+    assert (m.class_names, m.prompts) == (str(tmp_path / "names.txt"), str(tmp_path / "templates.txt"))
+    assert load_job_spec(data=_spec({"class_names": "names.txt", "prompts": "short"})).model.prompts == "short"
+
+
 def test_checkpoints_without_a_text_tower_or_tokenizer_or_with_a_head_are_refused(tmp_path):
     vision = transformers.CLIPVisionConfig(**VISION, projection_dim=16)
     transformers.CLIPVisionModelWithProjection(vision).save_pretrained(str(tmp_path / "tower"))
