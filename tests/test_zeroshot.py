@@ -144,6 +144,8 @@ def test_clip_text_tower_embeds_as_get_text_features(tmp_path, files, eos_rule):
         ref = _features(hf.get_text_features(input_ids=ids))  # (P, 24)
         ours = text.tower(ids)
     assert _max_diff(ours, ref) <= 1e-4
+    assert text.trimmed(ids[:-1]).shape[1] < 24  # the causal tower's padding cut off, exactly:
+    assert _max_diff(text.embed(prompts[:-1], batch=7), ref[:-1] / ref[:-1].norm(dim=-1, keepdim=True)) <= 1e-5
     assert text.logit_scale == pytest.approx(hf.logit_scale.exp().item(), rel=1e-6)
 
 

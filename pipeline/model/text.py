@@ -273,9 +273,17 @@ class TextModel:
     @torch.inference_mode()
     def embed(self, prompts: list[str], batch: int = 256) -> torch.Tensor:
         """Prompts -> (P, E) L2-normalized text embeddings, `batch` prompts at a time."""
-        out = [F.normalize(self.tower(self.tokenizer(prompts[i : i + batch])), dim=-1)
+        out = [F.normalize(self.tower(self.trimmed(self.tokenizer(prompts[i : i + batch]))), dim=-1)
                for i in range(0, len(prompts), batch)]
         return torch.cat(out) if out else torch.zeros(0, self.tower.cfg.proj_dim)
+
+    def trimmed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L'): a causal tower's padding after the last pooled token cut off. Exact (no
+        token attends to a later one) and, for prompts of ~10 tokens in CLIP's 77, ~6x less work;
+        SigLIP's unmasked tower pools at the last position and needs all of it."""
+        if not self.tower.cfg.causal:
+            return ids
+        return ids[:, : int(self.tower.pool_positions(ids).max()) + 1]
 
 
 def load_text_model(uri: str) -> TextModel:
