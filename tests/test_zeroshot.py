@@ -163,6 +163,39 @@ def test_siglip_text_tower_and_spiece_tokenizer_as_transformers(tmp_path):
 
 
 
+def test_siglip_text_tower_with_a_unigram_tokenizer_json(tmp_path):
+    """A tokenizer.json (as SigLIP 2's repositories carry): a Unigram trained here with its own
+    pad token, padded to the context as transformers' fast tokenizer pads it."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import Unigram
+
+    path = tmp_path / "siglip"
+    path.mkdir()
+    tok = Tokenizer(Unigram())
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizers.Lowercase(), pre_tokenizers.Metaspace(), \
+        decoders.Metaspace()
+    tok.train_from_iterator(corpus(), trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                              unk_token="<unk>", show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "eos_token": "</s>",
+                                                             "unk_token": "<unk>"}))
+    text = TEXT | dict(vocab_size=tok.get_vocab_size(), max_position_embeddings=16, projection_size=48)
+    hf = helpers.randomized(transformers.SiglipModel(transformers.SiglipConfig(vision_config=VISION, text_config=text)),
+                            0.05)
+    hf.save_pretrained(str(path))
+    ours = load_text_model(str(path))
+    prompts = [t.format(n) for t in TEMPLATES for n in NAMES] + ["pallet " * 30]
+    ids = ours.tokenizer(prompts)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), pad_token="<pad>",
+                                                eos_token="</s>")
+    ref_ids = fast(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, ref_ids) and (ids == tok.token_to_id("<pad>")).any()
+    with torch.no_grad():
+        assert _max_diff(ours.tower(ids), _features(hf.get_text_features(input_ids=ids))) <= 1e-4
+
+
+
 def open_clip_text_weights(hf) -> dict[str, torch.Tensor]:
     """transformers' CLIP text tower in open_clip's native layout (q, k, v packed; x @ projection)."""
     out = {"token_embedding.weight": hf.text_model.embeddings.token_embedding.weight,

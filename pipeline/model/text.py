@@ -160,7 +160,7 @@ class TextTokenizer:
         out = torch.full((len(prompts), self.context), self.pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids = self.encode_one(p)
-            if len(ids) > self.context:  # truncated, the end-of-text token kept (as transformers)
+            if len(ids) > self.context:  # truncated, the end-of-text token kept (as SiglipTokenizer)
                 ids = ids[: self.context - 1] + [self.eos_id]
             out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out  # (B, context)
@@ -171,7 +171,7 @@ def _fast_tokenizer(tok: Any, context: int, pad: str, eos: str, digest: str, sou
     if pad_id is None or eos_id is None:
         raise CheckpointError(f"{source}: the tokenizer has no {pad!r} or {eos!r} token")
     tok.no_padding()
-    tok.no_truncation()
+    tok.enable_truncation(context)  # as transformers' fast tokenizers: the post-processor's tokens kept
     return TextTokenizer(lambda p: tok.encode(p).ids, context, pad_id, eos_id, digest)
 
 
