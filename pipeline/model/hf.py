@@ -3,7 +3,8 @@
 A directory holds config.json, model.safetensors (or pytorch_model.bin) and usually
 preprocessor_config.json. config.json's `model_type` says the family; its vision part gives
 the sizes and the switches (vit.py), the preprocessor config the resize, crop and mean/std.
-Only the image tower is read: a CLIPModel's or SiglipModel's text tower is left in the file.
+Only the image tower is read here: a CLIPModel's or SiglipModel's text tower is read by text.py,
+when model.class_names asks for labels from names (zeroshot.py).
 
 The names on disk are those of transformers 4.x, which 5.x still writes for these models;
 5.x's in-memory ViT names (vit.layers.N.attention.q_proj) are read too, and a standalone
