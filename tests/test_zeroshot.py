@@ -384,9 +384,11 @@ def test_the_folded_head_runs_on_the_onnx_engine_as_on_torch(tmp_path):
 
 
 @pytest.mark.heavy
-def test_vitpipe_run_labels_real_jpegs_with_the_users_names(ray_cluster, tmp_path):
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_vitpipe_run_labels_real_jpegs_with_the_users_names(ray_cluster, tmp_path, family):
     """`vitpipe run` with model.class_names on real JPEG crops: the top-k labels are the user's
-    names, and the scores are those of transformers fed by its own image processor."""
+    names, and the scores are those of transformers fed by its own image processor (CLIP's
+    softmax, SigLIP's sigmoid)."""
     import duckdb
     from PIL import Image
     from test_families_run import _processor, photos
@@ -395,16 +397,21 @@ def test_vitpipe_run_labels_real_jpegs_with_the_users_names(ray_cluster, tmp_pat
     from pipeline.demo import write_shards
     from pipeline.runner import run_job
 
-    hf = clip_dir(tmp_path / "clip")
-    proc = _processor("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc.save_pretrained(str(tmp_path / "clip"))
+    path, scores_kind = tmp_path / family, "softmax" if family == "clip" else "sigmoid"
+    if family == "clip":
+        hf = clip_dir(path)
+        proc = _processor("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        hf = siglip_dir(path)
+        proc = _processor("SiglipImageProcessor")(size={"height": 32, "width": 32})
+    proc.save_pretrained(str(path))
     pics = photos(16)
     write_shards(pics, str(tmp_path / "in"), n_shards=2, prefix="photo")
     (tmp_path / "names.txt").write_text("\n".join(NAMES) + "\n")
     def spec(out: str) -> JobSpec:
         return JobSpec.model_validate({
             "name": "zero-shot", "source": {"uri": str(tmp_path / "in")},
-            "model": {"checkpoint": str(tmp_path / "clip"), "class_names": str(tmp_path / "names.txt"),
+            "model": {"checkpoint": str(path), "class_names": str(tmp_path / "names.txt"),
                       "prompts": TEMPLATES},
             "engine": {"batch_size": 8, "cache_uri": str(tmp_path / "cache")}, "outputs": {"top_k": 3},
             "output": {"uri": str(tmp_path / out)}, "ray": {"progress": False}})
@@ -417,15 +424,16 @@ def test_vitpipe_run_labels_real_jpegs_with_the_users_names(ray_cluster, tmp_pat
     assert again.model_id == report.model_id and again.ok_rows == len(pics)
     assert list((tmp_path / "cache").glob("text-embeddings-*.json")) == entries
     assert json.loads(entries[0].read_text())["created_at"] == made
-    assert report.ok_rows == len(pics) and (report.zero_shot, report.scores) == (True, "softmax")
+    assert report.ok_rows == len(pics) and (report.zero_shot, report.scores) == (True, scores_kind)
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-    assert manifest["model"]["labels"] == NAMES and manifest["model"]["scores"] == "softmax"
+    assert manifest["model"]["labels"] == NAMES and manifest["model"]["scores"] == scores_kind
     rows = duckdb.sql(f"SELECT key, topk_ids, topk_scores, topk_labels FROM "
                       f"read_parquet('{tmp_path / 'out'}/part-*.parquet') ORDER BY key").fetchall()
     assert len(rows) == len(pics)
     images = [Image.open(io.BytesIO(pics[int(k.rsplit("-", 1)[-1])][0])).convert("RGB") for k, *_ in rows]
     x = proc(images=images, return_tensors="pt")["pixel_values"]
-    probs = _oracle_logits(hf, tmp_path / "clip", "clip", x, TEMPLATES, 24).softmax(-1)  # (N, C)
+    logits = _oracle_logits(hf, path, family, x, TEMPLATES, 24 if family == "clip" else 16)  # (N, C)
+    probs = logits.softmax(-1) if family == "clip" else torch.sigmoid(logits)
     for (_, ids, scores, labels), p in zip(rows, probs, strict=True):
         assert labels == [NAMES[j] for j in ids]
         # our decode and resize are not transformers' processor's (embeddings agree to cosine 0.999,
