@@ -226,14 +226,13 @@ FAMILY_ARCHS = {"clip": ("clip_b_16", {"proj_dim": 24}), "siglip": ("siglip_b_16
 
 def small_family(name: str):
     """A small random model of the family's arch, every weight moved off its init."""
-    from pipeline.model.checkpoints import Checkpoint, random_checkpoint
+    from pipeline.model.checkpoints import Checkpoint, family_preprocess
     from pipeline.model.vit import ViT, config_for_arch
 
     arch, extra = FAMILY_ARCHS[name]
     cfg = config_for_arch(arch, **SMALL, **extra)
     model = randomized(ViT(cfg))
-    base = random_checkpoint(arch, image_size=32)
-    return Checkpoint(cfg, model.state_dict(), base.preprocess, [f"c{i}" for i in range(cfg.num_classes)], arch)
+    return Checkpoint(cfg, model.state_dict(), family_preprocess(cfg), [f"c{i}" for i in range(cfg.num_classes)], arch)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY_ARCHS))

@@ -157,14 +157,19 @@ def random_checkpoint(arch: str, image_size: int | None = None, num_classes: int
     torch.manual_seed(seed)
     model = ViT(cfg)
     labels = [f"class_{i}" for i in range(cfg.num_classes)]
-    pre = Preprocess(image_size=cfg.image_size)
+    return Checkpoint(cfg, model.state_dict(), family_preprocess(cfg), labels, f"random:{arch}")
+
+
+def family_preprocess(cfg: ViTConfig) -> Preprocess:
+    """The family's reference preprocessing at the config's size, for weights that come without one."""
     if cfg.family == "clip":
         from pipeline.model.hf import OPENAI_MEAN, OPENAI_STD
 
-        pre = Preprocess(image_size=cfg.image_size, mean=OPENAI_MEAN, std=OPENAI_STD, crop_pct=1.0)
-    elif cfg.family == "siglip":
-        pre = Preprocess(image_size=cfg.image_size, mean=(0.5,) * 3, std=(0.5,) * 3, resize="squash")
-    return Checkpoint(cfg, model.state_dict(), pre, labels, f"random:{arch}")
+        return Preprocess(image_size=cfg.image_size, mean=OPENAI_MEAN, std=OPENAI_STD, crop_pct=1.0)
+    if cfg.family == "siglip":
+        return Preprocess(image_size=cfg.image_size, mean=(0.5,) * 3, std=(0.5,) * 3, resize="squash",
+                          interpolation="bilinear")
+    return Preprocess(image_size=cfg.image_size)
 
 
 def save_checkpoint(path: str, model: ViT, preprocess: Preprocess, labels: list[str]) -> None:
