@@ -23,7 +23,7 @@ def _write(tmp_path, data) -> Path:
 
 
 @pytest.mark.parametrize("name", ["label.yaml", "embed.yaml", "label-gpu.yaml", "clip-embed.yaml",
-                                  "dinov2-dedup.yaml"])
+                                  "dinov2-dedup.yaml", "zero-shot.yaml"])
 def test_example_specs_are_valid(name):
     spec = load_job_spec(ROOT / "jobs" / name)
     assert spec.source.uri and spec.output.uri
