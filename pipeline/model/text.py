@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.model.keys import CheckpointError
-from pipeline.model.vit import activation
+from pipeline.model.vit import MLP
 
 _ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
@@ -73,17 +73,6 @@ class TextAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
 
 
-class TextMLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.act = cfg.act
-        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(activation(self.act, self.fc1(x)))
-
-
 class TextBlock(nn.Module):
     """Pre-norm: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
@@ -92,7 +81,7 @@ class TextBlock(nn.Module):
         self.layer_norm1 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.self_attn = TextAttention(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.mlp = TextMLP(cfg)
+        self.mlp = MLP(cfg)  # the image tower's (it reads dim, mlp_dim and act only)
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), causal)
